@@ -1,0 +1,1 @@
+"""Alembic migrations; `shared.migrate` runs them on SQLite and PostgreSQL alike."""

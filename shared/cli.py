@@ -1,0 +1,147 @@
+"""The `tunery` command: `up` for the embedded service, and the production pieces."""
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+from sqlalchemy import func, inspect, select
+
+from shared.db import get_engine, session_scope
+from shared.keys import create_key
+from shared.migrate import upgrade
+from shared.models import ApiKey
+from shared.settings import get_settings
+
+STOP_GRACE_S = 20
+
+
+def migrate_if_empty() -> None:
+    """The serving commands set up a new database, but leave upgrades of a live one to
+    `tunery migrate`, so that replicas starting together do not race on schema changes."""
+    get_settings().home.mkdir(parents=True, exist_ok=True)
+    if not inspect(get_engine()).has_table("alembic_version"):
+        upgrade()
+
+
+def _migrate(_args: argparse.Namespace) -> int:
+    upgrade()
+    print("database is at the newest schema")
+    return 0
+
+
+def _create_key(args: argparse.Namespace) -> int:
+    migrate_if_empty()
+    with session_scope() as session:
+        token = create_key(session, args.name, args.project)
+    print(f"API key {args.name!r} for project {args.project!r} (shown only once):")
+    print(token)
+    return 0
+
+
+def _api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    migrate_if_empty()
+    uvicorn.run(
+        "api.main:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_level="info",
+    )
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from shared.queue import celery_app
+
+    migrate_if_empty()
+    celery_app().worker_main(
+        [
+            "worker",
+            "--loglevel=INFO",
+            "--concurrency=1",  # one training at a time per GPU
+            "--queues=tunery",
+            f"--hostname=tunery-{socket.gethostname()}-{os.getpid()}",
+            # Neither needs a broadcast channel, which the local queue does not have.
+            "--without-mingle",
+            "--without-gossip",
+        ]
+    )
+    return 0
+
+
+def _stop(children: Sequence[subprocess.Popen[bytes]]) -> None:
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_S
+    for child in children:
+        try:
+            child.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+def _up(args: argparse.Namespace) -> int:
+    migrate_if_empty()
+    with session_scope() as session:
+        if session.scalar(select(func.count()).select_from(ApiKey)) == 0:
+            token = create_key(session, "default", "default")
+            print("Created an API key for project 'default' (shown only once):")
+            print(token, flush=True)
+    command = [sys.executable, "-m", "shared.cli"]
+    children = [
+        subprocess.Popen([*command, "api", "--host", args.host, "--port", str(args.port)]),
+        subprocess.Popen([*command, "worker"]),
+    ]
+    stopping = False
+
+    def request_stop(_signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    print(f"Tunery is up on http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
+    while not stopping and all(child.poll() is None for child in children):
+        time.sleep(0.2)
+    _stop(children)
+    return 0 if stopping else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tunery", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    up = commands.add_parser("up", help="API and one worker on the embedded defaults")
+    api = commands.add_parser("api", help="the HTTP API")
+    for serving in (up, api):
+        serving.add_argument("--host", default="127.0.0.1")
+        serving.add_argument("--port", type=int, default=8000)
+    api.add_argument("--workers", type=int, default=1, help="API processes")
+    commands.add_parser("worker", help="a training worker")
+    commands.add_parser("migrate", help="bring the database to the newest schema")
+    keys = commands.add_parser("keys", help="API keys").add_subparsers(dest="keys", required=True)
+    create = keys.add_parser("create", help="create a key; it is printed on the last line")
+    create.add_argument("name")
+    create.add_argument("--project", default="default")
+
+    up.set_defaults(run=_up)
+    api.set_defaults(run=_api)
+    commands.choices["worker"].set_defaults(run=_worker)
+    commands.choices["migrate"].set_defaults(run=_migrate)
+    create.set_defaults(run=_create_key)
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,390 @@
+"""Dataset formats: a streaming validator for uploads and a reader of examples for training.
+
+Formats (one per file):
+- `text`: UTF-8, one example per line. Blank (whitespace-only) lines are skipped.
+- `jsonl`: one JSON object per line, every line of the same shape:
+  `{"text": str}` (shape `text`), `{"prompt": str, "completion": str}` (`prompt_completion`) or
+  `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}` (`messages`, with
+  at least one assistant message). Other keys are ignored; blank lines are skipped.
+- `auto`: `jsonl` if the first non-blank line parses as a JSON object, else `text`.
+
+Both formats strip one trailing `\\r` per line (CRLF files) and a UTF-8 byte order mark at the
+start of the file. One line may hold at most `MAX_LINE_BYTES`, so a file without newlines cannot
+make us buffer it whole. Lines and columns in messages count from 1; UTF-8 columns count bytes.
+
+Input arrives in chunks of any size: only complete lines are decoded (a newline byte never occurs
+inside a multi-byte UTF-8 character), and only the unfinished last line is kept between chunks.
+"""
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+Format = Literal["text", "jsonl"]
+Shape = Literal["text", "prompt_completion", "messages"]
+Example = str | dict[str, Any]
+
+FORMATS: Final = ("auto", "text", "jsonl")
+MAX_LINE_BYTES: Final = 8 * 1024 * 1024
+ROLES: Final = ("system", "user", "assistant")
+_BOM: Final = "\ufeff"
+_SHAPE_NAMES: Final = {
+    "text": "text",
+    "prompt_completion": "prompt/completion",
+    "messages": "messages",
+}
+_REQUIRED: Final = {
+    "text": ("text",),
+    "prompt_completion": ("prompt", "completion"),
+    "messages": ("messages",),
+}
+
+
+class DatasetError(ValueError):
+    """The file is not a valid dataset; `line` is the first bad line (None: the whole file)."""
+
+    def __init__(self, message: str, line: int | None = None) -> None:
+        super().__init__(f"line {line}: {message}" if line is not None else message)
+        self.line = line
+
+
+@dataclass(frozen=True)
+class DatasetSummary:
+    format: Format
+    shape: Shape
+    examples: int
+
+
+def type_name(value: object) -> str:
+    """How a JSON value is named in messages ("got a list")."""
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, bool):  # before int: bool is a subclass of int
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return "null"
+
+
+def _is_blank(line: str) -> bool:
+    return not line or line.isspace()
+
+
+def parse_json_line(line: str, number: int) -> Any:
+    """The JSON value of one line, or a DatasetError that says what is wrong with it."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as error:
+        raise DatasetError(f"not valid JSON ({error.msg} at column {error.colno})", number) from None
+    except RecursionError:
+        raise DatasetError("not valid JSON (nested too deeply)", number) from None
+    except ValueError as error:  # e.g. an integer longer than Python's digit limit
+        raise DatasetError(f"not valid JSON ({error})", number) from None
+
+
+def shape_of(value: dict[str, Any]) -> Shape | None:
+    """The shape an object claims by its keys (its fields are checked by `check_example`)."""
+    if "messages" in value:
+        return "messages"
+    if "prompt" in value or "completion" in value:
+        return "prompt_completion"
+    if "text" in value:
+        return "text"
+    return None
+
+
+def check_example(value: Any, number: int, expected: Shape | None, first_line: int) -> Shape:
+    """Check one JSONL value against the file's shape (None: this is the first example, which
+    sets it); returns its shape. `first_line` is the line that set the shape."""
+    if not isinstance(value, dict):
+        raise DatasetError(f"expected a JSON object, got {type_name(value)}", number)
+    shape = shape_of(value)
+    if shape is None:
+        if expected is not None:
+            missing = next(field for field in _REQUIRED[expected] if field not in value)
+            raise DatasetError(f'missing field "{missing}"', number)
+        keys = ", ".join(f'"{key}"' for key in list(value)[:5]) or "none"
+        raise DatasetError(
+            'expected an object with "text", "prompt" and "completion", or "messages"; '
+            f"got keys {keys}",
+            number,
+        )
+    if expected is not None and shape != expected:
+        raise DatasetError(
+            f"expected the {_SHAPE_NAMES[expected]} shape of line {first_line}, "
+            f"got {_SHAPE_NAMES[shape]}",
+            number,
+        )
+    for field in _REQUIRED[shape]:
+        if field not in value:
+            raise DatasetError(f'missing field "{field}"', number)
+    if shape == "messages":
+        _check_messages(value["messages"], number)
+    else:
+        for field in _REQUIRED[shape]:
+            if not isinstance(value[field], str):
+                raise DatasetError(
+                    f'field "{field}" must be a string, got {type_name(value[field])}', number
+                )
+    return shape
+
+
+def _check_messages(messages: Any, number: int) -> None:
+    if not isinstance(messages, list):
+        raise DatasetError(f'field "messages" must be a list, got {type_name(messages)}', number)
+    if not messages:
+        raise DatasetError('field "messages" is empty', number)
+    has_assistant = False
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise DatasetError(f"{where} must be an object, got {type_name(message)}", number)
+        for field in ("role", "content"):
+            if field not in message:
+                raise DatasetError(f'{where}: missing field "{field}"', number)
+        role = message["role"]
+        if role not in ROLES:  # also rejects non-strings
+            got = json.dumps(role) if isinstance(role, str) else type_name(role)
+            raise DatasetError(
+                f'{where}.role must be "system", "user" or "assistant", got {got}', number
+            )
+        if not isinstance(message["content"], str):
+            raise DatasetError(
+                f"{where}.content must be a string, got {type_name(message['content'])}", number
+            )
+        has_assistant = has_assistant or role == "assistant"
+    if not has_assistant:
+        raise DatasetError(
+            'field "messages" has no "assistant" message (at least one is needed)', number
+        )
+
+
+class LineSplitter:
+    """Turns chunks of bytes into decoded lines, keeping only the unfinished last line."""
+
+    def __init__(self, max_line_bytes: int = MAX_LINE_BYTES) -> None:
+        self.max_line_bytes = max_line_bytes
+        self.lines_done = 0  # complete lines handed out so far
+        self._tail: list[bytes] = []
+        self._tail_bytes = 0
+        self._at_start = True
+
+    def feed(self, chunk: bytes) -> tuple[int, list[str]]:
+        """The complete lines this chunk finishes, and the number of the first of them."""
+        cut = chunk.rfind(b"\n")
+        if cut < 0:
+            self._tail.append(chunk)
+            self._tail_bytes += len(chunk)
+            self._check_tail()
+            return self.lines_done + 1, []
+        # Keep the final newline in the block so that every line, the last included, loses its
+        # "\r" in the one `replace` below.
+        block = b"".join([*self._tail, chunk[: cut + 1]]) if self._tail else chunk[: cut + 1]
+        rest = chunk[cut + 1 :]
+        self._tail = [rest] if rest else []
+        self._tail_bytes = len(rest)
+        if len(block) > self.max_line_bytes:
+            self._check_lengths(block)
+        self._check_tail()
+        lines = self._decode(block).split("\n")
+        lines.pop()  # the empty string after the block's final newline
+        first = self.lines_done + 1
+        self.lines_done += len(lines)
+        return first, lines
+
+    def finish(self) -> tuple[int, list[str]]:
+        """The last line, when the input does not end with a newline."""
+        if not self._tail_bytes:
+            return self.lines_done + 1, []
+        block = b"".join(self._tail)
+        self._tail, self._tail_bytes = [], 0
+        line = self._decode(block)
+        first = self.lines_done + 1
+        self.lines_done += 1
+        return first, [line[:-1] if line.endswith("\r") else line]
+
+    def _check_tail(self) -> None:
+        if self._tail_bytes > self.max_line_bytes:
+            self._too_long(self.lines_done + 1)
+
+    def _check_lengths(self, block: bytes) -> None:
+        for offset, line in enumerate(block.split(b"\n")):
+            if len(line) > self.max_line_bytes:
+                self._too_long(self.lines_done + 1 + offset)
+
+    def _too_long(self, number: int) -> None:
+        raise DatasetError(
+            f"longer than {self.max_line_bytes} bytes, the limit for one line "
+            "(is the file missing newlines?)",
+            number,
+        )
+
+    def _decode(self, block: bytes) -> str:
+        try:
+            text = block.decode("utf-8")
+        except UnicodeDecodeError as error:
+            start = error.start
+            number = self.lines_done + block.count(b"\n", 0, start) + 1
+            column = start - (block.rfind(b"\n", 0, start) + 1) + 1
+            raise DatasetError(
+                f"not valid UTF-8 (byte 0x{block[start]:02x} at column {column})", number
+            ) from None
+        if self._at_start and text:
+            self._at_start = False
+            text = text.removeprefix(_BOM)
+        return text.replace("\r\n", "\n")
+
+
+class DatasetValidator:
+    """Validates a dataset fed in chunks; `finish()` says what it holds or raises DatasetError.
+
+    The format may be unknown when the data starts (a multipart form can send its `format`
+    field after the file): then both readings are checked side by side and `set_format` or
+    `finish` picks one. An error is raised as soon as it is certain whatever the format is.
+    """
+
+    def __init__(self, format: str | None = "auto", max_line_bytes: int = MAX_LINE_BYTES) -> None:
+        self._lines = LineSplitter(max_line_bytes)
+        self._format: str | None = None
+        self.examples = 0
+        # The JSONL reading: the shape the first object set, and the first error it met.
+        self._first_is_object: bool | None = None
+        self._shape: Shape | None = None
+        self._shape_line = 0
+        self._json_error: DatasetError | None = None
+        # An error in every reading (bad UTF-8, an overlong line): nothing after it is read.
+        self._fatal: DatasetError | None = None
+        if format is not None:
+            self.set_format(format)
+
+    @property
+    def format(self) -> str | None:
+        return self._format
+
+    def set_format(self, format: str) -> None:
+        if format not in FORMATS:
+            raise ValueError(f"unknown format {format!r}")
+        self._format = format
+        self._raise_if_decided()
+
+    def feed(self, chunk: bytes) -> None:
+        if self._fatal is not None or not chunk:
+            return
+        try:
+            first, lines = self._lines.feed(chunk)
+        except DatasetError as error:
+            self._fatal = error
+        else:
+            self._take(first, lines)
+        self._raise_if_decided()
+
+    def finish(self) -> DatasetSummary:
+        if self._fatal is None:
+            try:
+                first, lines = self._lines.finish()
+            except DatasetError as error:
+                self._fatal = error
+            else:
+                self._take(first, lines)
+        if self._format is None:  # the form never said: the documented default
+            self._format = "auto"
+        self._raise_if_decided()
+        if self.examples == 0:
+            raise DatasetError("the file holds no examples (it is empty or has only blank lines)")
+        if self._reading() == "jsonl":
+            assert self._shape is not None  # set by the first example, which had no error
+            return DatasetSummary("jsonl", self._shape, self.examples)
+        return DatasetSummary("text", "text", self.examples)
+
+    def _reading(self) -> Format | None:
+        """The format the file is read as, once that is known."""
+        if self._format in ("text", "jsonl"):
+            return self._format  # type: ignore[return-value]
+        if self._format == "auto" and self._first_is_object is not None:
+            return "jsonl" if self._first_is_object else "text"
+        return None
+
+    def _raise_if_decided(self) -> None:
+        reading = self._reading()
+        json_error = self._json_error if reading in ("jsonl", None) else None
+        if reading is None and self._fatal is None:
+            return  # a JSONL error alone may not count: the format can still become text
+        errors = [e for e in (self._fatal, json_error) if e is not None]
+        if errors:
+            raise min(errors, key=lambda error: error.line or 0)
+
+    def _take(self, first: int, lines: list[str]) -> None:
+        checking_json = self._format != "text" and self._json_error is None
+        if not checking_json:
+            self.examples += sum(1 for line in lines if not _is_blank(line))
+            return
+        for number, line in enumerate(lines, start=first):
+            if _is_blank(line):
+                continue
+            self.examples += 1
+            if self._json_error is None:
+                self._check_json(line, number)
+        self._raise_if_decided()
+
+    def _check_json(self, line: str, number: int) -> None:
+        try:
+            value = parse_json_line(line, number)
+            if self._first_is_object is None:
+                self._first_is_object = isinstance(value, dict)
+            self._shape = check_example(value, number, self._shape, self._shape_line)
+            if not self._shape_line:
+                self._shape_line = number
+        except DatasetError as error:
+            self._json_error = error
+            if self._first_is_object is None:
+                self._first_is_object = False
+
+
+def iter_lines(chunks: Iterable[bytes], max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[
+    tuple[int, str]
+]:
+    """(line number, line) for every non-blank line, decoded and checked as in validation."""
+    splitter = LineSplitter(max_line_bytes)
+    for chunk in chunks:
+        first, lines = splitter.feed(chunk)
+        for number, line in enumerate(lines, start=first):
+            if not _is_blank(line):
+                yield number, line
+    first, lines = splitter.finish()
+    for number, line in enumerate(lines, start=first):
+        if not _is_blank(line):
+            yield number, line
+
+
+def iter_examples(chunks: Iterable[bytes], format: Format) -> Iterator[Example]:
+    """The examples of a stored dataset, in order: a str per line for `text`, the object of each
+    line for `jsonl` (checked again, so a file changed behind our back fails loudly)."""
+    shape: Shape | None = None
+    shape_line = 0
+    for number, line in iter_lines(chunks):
+        if format == "text":
+            yield line
+            continue
+        value = parse_json_line(line, number)
+        shape = check_example(value, number, shape, shape_line)
+        shape_line = shape_line or number
+        yield value
+
+
+def read_chunks(stream: Any, size: int = 1024 * 1024) -> Iterator[bytes]:
+    """Chunks of a binary file object, for `iter_examples(read_chunks(f), ...)`."""
+    while chunk := stream.read(size):
+        yield chunk
+
+
+def validate(chunks: Iterable[bytes], format: str = "auto") -> DatasetSummary:
+    """Validate a whole dataset at once (tests, the CLI): the summary, or a DatasetError."""
+    validator = DatasetValidator(format)
+    for chunk in chunks:
+        validator.feed(chunk)
+    return validator.finish()

@@ -1,0 +1,52 @@
+"""The database engine and sessions, for SQLite (embedded) and PostgreSQL (production)."""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared.settings import get_settings
+
+
+def _enable_sqlite_concurrency(dbapi_connection, _record) -> None:  # noqa: ANN001
+    # The API and the worker write from separate processes: WAL lets readers go on during a
+    # write, and busy_timeout makes a writer wait for the lock instead of failing at once.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+@lru_cache
+def engine_for(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        event.listen(engine, "connect", _enable_sqlite_concurrency)
+        return engine
+    # A short connect timeout keeps /readyz and requests from hanging while PostgreSQL is away.
+    return create_engine(
+        url, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args={"connect_timeout": 3}
+    )
+
+
+def get_engine() -> Engine:
+    return engine_for(get_settings().resolved_database_url)
+
+
+@lru_cache
+def _session_factory(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(bind=engine, expire_on_commit=False)
+
+
+def new_session() -> Session:
+    return _session_factory(get_engine())()
+
+
+@contextmanager
+def session_scope() -> Iterator[Session]:
+    """A session that commits when the block ends cleanly and rolls back otherwise."""
+    with new_session() as session, session.begin():
+        yield session

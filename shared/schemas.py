@@ -1,0 +1,244 @@
+"""Request and response bodies of the HTTP API (`XCreate` in, `XRead` out)."""
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, model_validator
+
+Timestamp = Annotated[
+    datetime,
+    PlainSerializer(
+        lambda value: value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), return_type=str
+    ),
+]
+Item = TypeVar("Item")
+
+
+class ListRead(BaseModel, Generic[Item]):
+    object: Literal["list"] = "list"
+    data: list[Item]
+    has_more: bool
+
+
+class DatasetRead(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    object: Literal["dataset"] = "dataset"
+    filename: str
+    format: Literal["text", "jsonl"]
+    shape: Literal["text", "prompt_completion", "messages"]
+    bytes: int
+    sha256: str
+    examples: int
+    created_at: Timestamp
+
+
+LR_SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+)
+
+
+class Hyperparameters(BaseModel):
+    """Training knobs; every field has a default and a range checked before the job is queued."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: float = Field(default=3, gt=0, le=100, description="Passes over the training set.")
+    learning_rate: float = Field(default=5e-5, gt=0, le=1, description="Peak learning rate.")
+    batch_size: int = Field(default=8, ge=1, le=1024, description="Blocks per device step.")
+    gradient_accumulation_steps: int = Field(
+        default=1, ge=1, le=1024, description="Steps summed into one optimizer step."
+    )
+    block_size: int = Field(
+        default=512, ge=8, le=32768, description="Tokens per training block (packed)."
+    )
+    warmup_ratio: float = Field(default=0.0, ge=0, lt=1, description="Share of steps that warm up.")
+    weight_decay: float = Field(default=0.0, ge=0, le=1, description="AdamW weight decay.")
+    lr_scheduler: Literal[LR_SCHEDULERS] = Field(  # type: ignore[valid-type]
+        default="linear", description="Learning-rate schedule."
+    )
+    max_steps: int | None = Field(
+        default=None, ge=1, le=10_000_000, description="Stop after this many optimizer steps."
+    )
+    seed: int = Field(default=42, ge=0, le=2**32 - 1, description="Seed for shuffling and init.")
+
+
+class LoraConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = Field(default=8, ge=1, le=1024, description="Rank of the adapter matrices.")
+    alpha: float = Field(default=16, gt=0, le=4096, description="Scaling numerator (alpha / r).")
+    dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: list[str] | None = Field(
+        default=None, description="Module names to adapt; default depends on the architecture."
+    )
+    merge: bool = Field(default=False, description="Also ship the merged model in model/.")
+
+
+BASE_MODEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$"
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    base_model: str = Field(
+        pattern=BASE_MODEL_PATTERN,
+        description="A folder name in the models directory, or an allowed Hugging Face Hub id.",
+    )
+    dataset_id: str = Field(max_length=40, description="Training dataset.")
+    validation_dataset_id: str | None = Field(
+        default=None, max_length=40, description="Held-out dataset; else a training split."
+    )
+    validation_split: float = Field(
+        default=0.1, ge=0, le=0.5, description="Share of training examples held out for eval."
+    )
+    method: Literal["full", "lora"] = "full"
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    lora: LoraConfig | None = Field(default=None, description="Only with method `lora`.")
+    eval_prompts: list[Annotated[str, Field(min_length=1, max_length=2000)]] = Field(
+        default_factory=list, max_length=20, description="Prompts sampled before and after."
+    )
+    suffix: str | None = Field(
+        default=None, pattern=r"^[a-z0-9][a-z0-9-]{0,39}$", description="A short model label."
+    )
+    metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] = (
+        Field(default_factory=dict, max_length=16, description="Your own key-value pairs.")
+    )
+
+    @model_validator(mode="after")
+    def _lora_only_with_lora_method(self) -> "JobCreate":
+        if self.method == "lora" and self.lora is None:
+            self.lora = LoraConfig()
+        if self.method == "full" and self.lora is not None:
+            raise ValueError("`lora` is set but `method` is `full`; use method `lora`")
+        return self
+
+
+class Progress(BaseModel):
+    step: int = 0
+    total_steps: int | None = None
+    epoch: float = 0.0
+    fraction: float = 0.0
+    tokens_per_second: float | None = None
+    eta_seconds: float | None = None
+
+
+class JobMetrics(BaseModel):
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    eval_perplexity: float | None = None
+    baseline_eval_loss: float | None = None
+    baseline_eval_perplexity: float | None = None
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    user_error: bool
+
+
+class ArtifactRead(BaseModel):
+    url: str
+    bytes: int
+    sha256: str
+
+
+class JobRead(BaseModel):
+    id: str
+    object: Literal["job"] = "job"
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    cancel_requested: bool
+    base_model: str
+    dataset_id: str
+    validation_dataset_id: str | None
+    validation_split: float
+    method: Literal["full", "lora"]
+    hyperparameters: Hyperparameters
+    lora: LoraConfig | None
+    eval_prompts: list[str]
+    progress: Progress
+    metrics: JobMetrics
+    attempt: int
+    resumed_from_step: int | None
+    error: JobError | None
+    artifact: ArtifactRead | None
+    suffix: str | None
+    metadata: dict[str, str]
+    created_at: Timestamp
+    started_at: Timestamp | None
+    finished_at: Timestamp | None
+
+    @classmethod
+    def from_row(cls, job: Any) -> "JobRead":
+        artifact = None
+        if job.status == "succeeded" and job.artifact_sha256:
+            artifact = ArtifactRead(
+                url=f"/jobs/{job.id}/artifact", bytes=job.artifact_bytes, sha256=job.artifact_sha256
+            )
+        return cls(
+            id=job.id,
+            status=job.status,
+            cancel_requested=job.cancel_requested,
+            base_model=job.base_model,
+            dataset_id=job.dataset_id,
+            validation_dataset_id=job.validation_dataset_id,
+            validation_split=job.validation_split,
+            method=job.method,
+            hyperparameters=job.hyperparameters,
+            lora=job.lora,
+            eval_prompts=job.eval_prompts,
+            progress=job.progress,
+            metrics=job.metrics,
+            attempt=job.attempt,
+            resumed_from_step=job.resumed_from_step,
+            error=job.error,
+            artifact=artifact,
+            suffix=job.suffix,
+            metadata=job.metadata_,
+            created_at=job.created_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+        )
+
+
+class JobEventRead(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    object: Literal["job.event"] = "job.event"
+    created_at: Timestamp
+    level: Literal["info", "warning", "error"]
+    type: Literal["status", "message", "metrics"]
+    message: str
+    data: dict[str, Any]
+
+
+class JobMetricRead(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    step: int
+    epoch: float | None
+    train_loss: float | None
+    learning_rate: float | None
+    grad_norm: float | None
+    tokens_per_second: float | None
+    eval_loss: float | None
+    created_at: Timestamp
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    code: str
+    message: str
+    param: str | None = None
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class ErrorRead(BaseModel):
+    error: ErrorDetail

@@ -1,0 +1,60 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+import pytest
+from fastapi.testclient import TestClient
+
+from shared.settings import get_settings
+
+
+def app_with(monkeypatch: pytest.MonkeyPatch, **environment: str) -> TestClient:
+    from api.main import create_app
+    from shared.queue import celery_app
+
+    for key, value in environment.items():
+        monkeypatch.setenv(key, value)
+    get_settings.cache_clear()
+    celery_app.cache_clear()
+    return TestClient(create_app(), raise_server_exceptions=False)
+
+
+class TestHealthz:
+    def test_up(self, client):
+        assert client.get("/healthz").json() == {"status": "ok"}
+
+
+class TestReadyz:
+    def test_ready(self, client):
+        response = client.get("/readyz")
+        assert response.status_code == 200 and response.json() == {"status": "ready"}
+
+    def test_database_unreachable(self, settings, monkeypatch):
+        client = app_with(
+            monkeypatch,
+            TUNERY_DATABASE_URL="postgresql+psycopg://postgres@127.0.0.1:1/none",
+        )
+        response = client.get("/readyz")
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "database_unavailable"
+
+    def test_broker_unreachable(self, settings, monkeypatch):
+        client = app_with(monkeypatch, TUNERY_BROKER_URL="redis://127.0.0.1:1/0")
+        response = client.get("/readyz")
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "broker_unavailable"
+
+    def test_resource_routes_answer_503_while_the_database_is_away(self, settings, monkeypatch):
+        client = app_with(
+            monkeypatch,
+            TUNERY_DATABASE_URL="postgresql+psycopg://postgres@127.0.0.1:1/none",
+        )
+        response = client.get("/jobs", headers={"Authorization": "Bearer tny_x_y"})
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "database_unavailable"
+
+
+class TestMetrics:
+    def test_prometheus_text_counts_requests_by_route(self, client, auth_headers):
+        client.get("/jobs/job_x", headers=auth_headers)
+        text = client.get("/metrics").text
+        assert "# TYPE tunery_http_requests_total counter" in text
+        assert 'route="/jobs/{job_id}"' in text and 'status="404"' in text
