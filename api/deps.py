@@ -53,7 +53,9 @@ PrincipalDep = Annotated[Principal, Depends(get_principal)]
 
 def owned_dataset(session: Session, principal: Principal, dataset_id: str) -> Dataset | None:
     dataset = session.get(Dataset, dataset_id)
-    return dataset if dataset is not None and dataset.project_id == principal.project_id else None
+    if dataset is None or dataset.deleted_at is not None:
+        return None
+    return dataset if dataset.project_id == principal.project_id else None
 
 
 def get_dataset(

@@ -5,7 +5,6 @@ import time
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from sqlalchemy import text
-from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import error_response
@@ -75,8 +74,5 @@ class RequestMetrics:
 
 
 def _route_template(scope: Scope) -> str:
-    for route in scope["app"].router.routes:
-        match, _ = route.matches(scope)
-        if match == Match.FULL:
-            return getattr(route, "path", "unmatched")
-    return "unmatched"
+    route = scope.get("route")  # set by the router once a route matched
+    return getattr(route, "path", "unmatched")

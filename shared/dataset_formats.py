@@ -16,10 +16,11 @@ Input arrives in chunks of any size: only complete lines are decoded (a newline 
 inside a multi-byte UTF-8 character), and only the unfinished last line is kept between chunks.
 """
 
+import itertools
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, BinaryIO, Final, Literal, NamedTuple
 
 Format = Literal["text", "jsonl"]
 Shape = Literal["text", "prompt_completion", "messages"]
@@ -71,6 +72,10 @@ def type_name(value: object) -> str:
     return "null"
 
 
+def _line_of(error: DatasetError) -> int:
+    return error.line or 0
+
+
 def _is_blank(line: str) -> bool:
     return not line or line.isspace()
 
@@ -80,7 +85,9 @@ def parse_json_line(line: str, number: int) -> Any:
     try:
         return json.loads(line)
     except json.JSONDecodeError as error:
-        raise DatasetError(f"not valid JSON ({error.msg} at column {error.colno})", number) from None
+        raise DatasetError(
+            f"not valid JSON ({error.msg} at column {error.colno})", number
+        ) from None
     except RecursionError:
         raise DatasetError("not valid JSON (nested too deeply)", number) from None
     except ValueError as error:  # e.g. an integer longer than Python's digit limit
@@ -164,8 +171,20 @@ def _check_messages(messages: Any, number: int) -> None:
         )
 
 
+class Lines(NamedTuple):
+    """Complete lines from one chunk: the number of the first, the lines, and the error that
+    stopped the chunk (the lines before it are good and are still returned)."""
+
+    first: int
+    lines: list[str]
+    error: DatasetError | None = None
+
+
 class LineSplitter:
-    """Turns chunks of bytes into decoded lines, keeping only the unfinished last line."""
+    """Turns chunks of bytes into decoded lines, keeping only the unfinished last line.
+
+    After an error, the splitter must not be fed again.
+    """
 
     def __init__(self, max_line_bytes: int = MAX_LINE_BYTES) -> None:
         self.max_line_bytes = max_line_bytes
@@ -174,70 +193,73 @@ class LineSplitter:
         self._tail_bytes = 0
         self._at_start = True
 
-    def feed(self, chunk: bytes) -> tuple[int, list[str]]:
-        """The complete lines this chunk finishes, and the number of the first of them."""
+    def feed(self, chunk: bytes) -> Lines:
         cut = chunk.rfind(b"\n")
         if cut < 0:
             self._tail.append(chunk)
             self._tail_bytes += len(chunk)
-            self._check_tail()
-            return self.lines_done + 1, []
+            return Lines(self.lines_done + 1, [], self._tail_error())
         # Keep the final newline in the block so that every line, the last included, loses its
-        # "\r" in the one `replace` below.
+        # "\r" in the one `replace` of `_split`.
         block = b"".join([*self._tail, chunk[: cut + 1]]) if self._tail else chunk[: cut + 1]
         rest = chunk[cut + 1 :]
         self._tail = [rest] if rest else []
         self._tail_bytes = len(rest)
-        if len(block) > self.max_line_bytes:
-            self._check_lengths(block)
-        self._check_tail()
-        lines = self._decode(block).split("\n")
-        lines.pop()  # the empty string after the block's final newline
         first = self.lines_done + 1
-        self.lines_done += len(lines)
-        return first, lines
+        lines, error = self._split(block)
+        return Lines(first, lines, error or self._tail_error())
 
-    def finish(self) -> tuple[int, list[str]]:
+    def finish(self) -> Lines:
         """The last line, when the input does not end with a newline."""
-        if not self._tail_bytes:
-            return self.lines_done + 1, []
-        block = b"".join(self._tail)
-        self._tail, self._tail_bytes = [], 0
-        line = self._decode(block)
         first = self.lines_done + 1
-        self.lines_done += 1
-        return first, [line[:-1] if line.endswith("\r") else line]
+        if not self._tail_bytes:
+            return Lines(first, [])
+        block = b"".join([*self._tail, b"\n"])
+        self._tail, self._tail_bytes = [], 0
+        return Lines(first, *self._split(block))
 
-    def _check_tail(self) -> None:
+    def _tail_error(self) -> DatasetError | None:
         if self._tail_bytes > self.max_line_bytes:
-            self._too_long(self.lines_done + 1)
+            return self._too_long(self.lines_done + 1)
+        return None
 
-    def _check_lengths(self, block: bytes) -> None:
-        for offset, line in enumerate(block.split(b"\n")):
-            if len(line) > self.max_line_bytes:
-                self._too_long(self.lines_done + 1 + offset)
-
-    def _too_long(self, number: int) -> None:
-        raise DatasetError(
+    def _too_long(self, number: int) -> DatasetError:
+        return DatasetError(
             f"longer than {self.max_line_bytes} bytes, the limit for one line "
             "(is the file missing newlines?)",
             number,
         )
 
-    def _decode(self, block: bytes) -> str:
+    def _split(self, block: bytes) -> tuple[list[str], DatasetError | None]:
+        """The lines of a block that ends with a newline, up to the first bad one."""
+        error = None
+        if len(block) > self.max_line_bytes:  # rare: only then can a line in it be too long
+            start = 0
+            for offset, line in enumerate(block.split(b"\n")):
+                if len(line) > self.max_line_bytes:
+                    error = self._too_long(self.lines_done + 1 + offset)
+                    block = block[:start]
+                    break
+                start += len(line) + 1
         try:
             text = block.decode("utf-8")
-        except UnicodeDecodeError as error:
-            start = error.start
-            number = self.lines_done + block.count(b"\n", 0, start) + 1
-            column = start - (block.rfind(b"\n", 0, start) + 1) + 1
-            raise DatasetError(
-                f"not valid UTF-8 (byte 0x{block[start]:02x} at column {column})", number
-            ) from None
+        except UnicodeDecodeError as decode_error:
+            # Earlier than any overlong line: that one was cut off the block already.
+            bad = decode_error.start
+            line_start = block.rfind(b"\n", 0, bad) + 1
+            number = self.lines_done + block.count(b"\n", 0, bad) + 1
+            error = DatasetError(
+                f"not valid UTF-8 (byte 0x{block[bad]:02x} at column {bad - line_start + 1})",
+                number,
+            )
+            text = block[:line_start].decode("utf-8")
         if self._at_start and text:
             self._at_start = False
             text = text.removeprefix(_BOM)
-        return text.replace("\r\n", "\n")
+        lines = text.replace("\r\n", "\n").split("\n")
+        lines.pop()  # the empty string after the final newline
+        self.lines_done += len(lines)
+        return lines, error
 
 
 class DatasetValidator:
@@ -252,7 +274,8 @@ class DatasetValidator:
         self._lines = LineSplitter(max_line_bytes)
         self._format: str | None = None
         self.examples = 0
-        # The JSONL reading: the shape the first object set, and the first error it met.
+        # The JSONL reading: what the first non-blank line is, the shape the first object set,
+        # and the first error met.
         self._first_is_object: bool | None = None
         self._shape: Shape | None = None
         self._shape_line = 0
@@ -274,23 +297,12 @@ class DatasetValidator:
 
     def feed(self, chunk: bytes) -> None:
         if self._fatal is not None or not chunk:
-            return
-        try:
-            first, lines = self._lines.feed(chunk)
-        except DatasetError as error:
-            self._fatal = error
-        else:
-            self._take(first, lines)
-        self._raise_if_decided()
+            return  # after a fatal error the rest is not read; the caller only drains its input
+        self._take(self._lines.feed(chunk))
 
     def finish(self) -> DatasetSummary:
         if self._fatal is None:
-            try:
-                first, lines = self._lines.finish()
-            except DatasetError as error:
-                self._fatal = error
-            else:
-                self._take(first, lines)
+            self._take(self._lines.finish())
         if self._format is None:  # the form never said: the documented default
             self._format = "auto"
         self._raise_if_decided()
@@ -303,32 +315,35 @@ class DatasetValidator:
 
     def _reading(self) -> Format | None:
         """The format the file is read as, once that is known."""
-        if self._format in ("text", "jsonl"):
-            return self._format  # type: ignore[return-value]
+        if self._format == "text" or self._format == "jsonl":
+            return self._format
         if self._format == "auto" and self._first_is_object is not None:
             return "jsonl" if self._first_is_object else "text"
         return None
 
     def _raise_if_decided(self) -> None:
-        reading = self._reading()
-        json_error = self._json_error if reading in ("jsonl", None) else None
-        if reading is None and self._fatal is None:
-            return  # a JSONL error alone may not count: the format can still become text
-        errors = [e for e in (self._fatal, json_error) if e is not None]
-        if errors:
-            raise min(errors, key=lambda error: error.line or 0)
+        reading, fatal, json_error = self._reading(), self._fatal, self._json_error
+        if reading == "jsonl":
+            errors = [error for error in (fatal, json_error) if error is not None]
+            if errors:
+                raise min(errors, key=_line_of)
+        elif reading == "text":
+            if fatal is not None:
+                raise fatal
+        elif fatal is not None and (json_error is None or _line_of(json_error) > _line_of(fatal)):
+            raise fatal  # the format is still open, but this line is bad in every reading
 
-    def _take(self, first: int, lines: list[str]) -> None:
-        checking_json = self._format != "text" and self._json_error is None
-        if not checking_json:
-            self.examples += sum(1 for line in lines if not _is_blank(line))
-            return
-        for number, line in enumerate(lines, start=first):
-            if _is_blank(line):
-                continue
-            self.examples += 1
-            if self._json_error is None:
-                self._check_json(line, number)
+    def _take(self, got: Lines) -> None:
+        if self._format == "text" or self._json_error is not None:
+            self.examples += sum(1 for line in got.lines if not _is_blank(line))
+        else:
+            for number, line in enumerate(got.lines, start=got.first):
+                if _is_blank(line):
+                    continue
+                self.examples += 1
+                if self._json_error is None:
+                    self._check_json(line, number)
+        self._fatal = got.error
         self._raise_if_decided()
 
     def _check_json(self, line: str, number: int) -> None:
@@ -337,28 +352,26 @@ class DatasetValidator:
             if self._first_is_object is None:
                 self._first_is_object = isinstance(value, dict)
             self._shape = check_example(value, number, self._shape, self._shape_line)
-            if not self._shape_line:
-                self._shape_line = number
+            self._shape_line = self._shape_line or number
         except DatasetError as error:
             self._json_error = error
             if self._first_is_object is None:
                 self._first_is_object = False
 
 
-def iter_lines(chunks: Iterable[bytes], max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[
-    tuple[int, str]
-]:
+def iter_lines(
+    chunks: Iterable[bytes], max_line_bytes: int = MAX_LINE_BYTES
+) -> Iterator[tuple[int, str]]:
     """(line number, line) for every non-blank line, decoded and checked as in validation."""
     splitter = LineSplitter(max_line_bytes)
-    for chunk in chunks:
-        first, lines = splitter.feed(chunk)
-        for number, line in enumerate(lines, start=first):
+    for got in itertools.chain((splitter.feed(chunk) for chunk in chunks), [None]):
+        if got is None:
+            got = splitter.finish()
+        for number, line in enumerate(got.lines, start=got.first):
             if not _is_blank(line):
                 yield number, line
-    first, lines = splitter.finish()
-    for number, line in enumerate(lines, start=first):
-        if not _is_blank(line):
-            yield number, line
+        if got.error is not None:
+            raise got.error
 
 
 def iter_examples(chunks: Iterable[bytes], format: Format) -> Iterator[Example]:
@@ -376,7 +389,7 @@ def iter_examples(chunks: Iterable[bytes], format: Format) -> Iterator[Example]:
         yield value
 
 
-def read_chunks(stream: Any, size: int = 1024 * 1024) -> Iterator[bytes]:
+def read_chunks(stream: BinaryIO, size: int = 1024 * 1024) -> Iterator[bytes]:
     """Chunks of a binary file object, for `iter_examples(read_chunks(f), ...)`."""
     while chunk := stream.read(size):
         yield chunk

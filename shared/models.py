@@ -77,6 +77,8 @@ class Dataset(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     examples: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # A deleted dataset loses its file but keeps its row: finished jobs still name it.
+    deleted_at: Mapped[datetime | None]
 
 
 class Job(Base):

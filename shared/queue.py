@@ -4,6 +4,7 @@ The queue is only a doorbell; the job row is the truth. With no broker URL set, 
 through kombu's filesystem transport under TUNERY_HOME, so the embedded default needs no server.
 """
 
+import os
 from functools import lru_cache
 
 from celery import Celery
@@ -22,13 +23,15 @@ def _broker_options(settings: Settings) -> dict[str, object]:
             "retry_on_timeout": True,
         }
     folder = settings.queue_dir
-    for sub in ("messages", "processed"):
+    for sub in ("messages", "processed", "control"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     return {
         "data_folder_in": str(folder / "messages"),
         "data_folder_out": str(folder / "messages"),
         "processed_folder": str(folder / "processed"),
+        "control_folder": str(folder / "control"),
         "store_processed": False,
+        "polling_interval": 0.2,  # the folder is polled; keep the wait for a new job short
     }
 
 
@@ -60,7 +63,8 @@ def send_train(job_id: str) -> None:
 def broker_reachable() -> bool:
     settings = get_settings()
     if not settings.broker_url:
-        return settings.queue_dir.is_dir()
+        celery_app()  # makes the local queue's folders
+        return os.access(settings.queue_dir / "messages", os.W_OK)
     try:
         with celery_app().connection_for_write() as connection:
             connection.ensure_connection(max_retries=1, timeout=3)

@@ -1,0 +1,431 @@
+"""Datasets: upload (streamed, hashed and validated on the way to storage), list, read, download,
+delete.
+
+The upload never holds the file in memory: the request body is read chunk by chunk and fed to
+python-multipart's streaming parser, whose `file` part goes through the validator and the hash
+into a storage file that is renamed into place only when everything passed. Starlette's own form
+parsing is not used because it spools the whole file before the route runs.
+"""
+
+import hashlib
+import io
+import logging
+import re
+import unicodedata
+from collections.abc import Iterator
+from contextlib import ExitStack
+from typing import Annotated, Any, BinaryIO
+from urllib.parse import quote
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
+
+from api.deps import DatasetDep, PrincipalDep, SessionDep
+from api.errors import APIError, not_found
+from api.pagination import list_of, newest_first
+from shared import storage
+from shared.dataset_formats import FORMATS, DatasetError, DatasetSummary, DatasetValidator
+from shared.ids import new_id
+from shared.jobs import UNFINISHED
+from shared.models import Dataset, Job, utcnow
+from shared.schemas import DatasetRead, ErrorRead, ListRead
+from shared.settings import get_settings
+from shared.storage import dataset_key
+
+router = APIRouter(prefix="/datasets", tags=["datasets"])
+logger = logging.getLogger(__name__)
+
+Limit = Annotated[int, Query(ge=1, le=100)]
+
+# Body bytes handed to the parser at once, in a worker thread so the event loop stays free.
+BATCH_BYTES = 1024 * 1024
+# What a body may carry besides the file's bytes: boundaries, part headers, the format field.
+FORM_OVERHEAD_BYTES = 64 * 1024
+MAX_FIELD_BYTES = 64
+MAX_FILENAME_CHARS = 255
+_SEPARATORS = re.compile(r"[/\\]")
+
+_UPLOAD_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["file"],
+                "properties": {
+                    "file": {
+                        "type": "string",
+                        "format": "binary",
+                        "description": "The dataset: UTF-8 text or JSONL, one example per line.",
+                    },
+                    "format": {"type": "string", "enum": list(FORMATS), "default": "auto"},
+                },
+            }
+        }
+    },
+}
+
+
+def safe_filename(raw: bytes | None) -> str:
+    """The client's file name as a label only: its last path component, without control
+    characters, at most 255 characters. It never becomes a path."""
+    name = raw.decode("utf-8", "replace") if raw else ""
+    name = _SEPARATORS.split(name)[-1]
+    name = "".join(ch for ch in name if unicodedata.category(ch) != "Cc").strip()
+    if name in ("", ".", ".."):
+        return "dataset"
+    return name[:MAX_FILENAME_CHARS]
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(
+        413,
+        "dataset_too_large",
+        f"the dataset is larger than the limit of {limit} bytes",
+        param="file",
+        details={"limit_bytes": limit},
+    )
+
+
+def _invalid_dataset(error: DatasetError) -> APIError:
+    return APIError(422, "invalid_dataset", str(error), param="file", details={"line": error.line})
+
+
+def _malformed(message: str) -> APIError:
+    return APIError(400, "invalid_multipart", message)
+
+
+class _Upload:
+    """One multipart body, parsed as it arrives. The `file` part is hashed, validated and
+    written to storage; the `format` field is kept; other parts are skipped."""
+
+    def __init__(self, dataset_id: str, boundary: bytes, limit: int) -> None:
+        self.dataset_id = dataset_id
+        self.limit = limit
+        self.validator = DatasetValidator(format=None)  # the format field may come last
+        self.sha256 = hashlib.sha256()
+        self.bytes = 0
+        self.filename: str | None = None
+        self.format: str | None = None
+        self.complete = False
+        self._files = ExitStack()
+        self._sink: BinaryIO | None = None
+        self._part: str | None = None
+        self._headers: dict[bytes, bytes] = {}
+        self._header_name = bytearray()
+        self._header_value = bytearray()
+        self._field = bytearray()
+        self._parser = MultipartParser(
+            boundary,
+            {
+                "on_part_begin": self._on_part_begin,
+                "on_header_field": self._on_header_field,
+                "on_header_value": self._on_header_value,
+                "on_header_end": self._on_header_end,
+                "on_headers_finished": self._on_headers_finished,
+                "on_part_data": self._on_part_data,
+                "on_part_end": self._on_part_end,
+                "on_end": self._on_end,
+            },
+        )
+
+    def write(self, data: bytes) -> None:
+        try:
+            self._parser.write(data)
+        except DatasetError as error:
+            raise _invalid_dataset(error) from None
+        except FormParserError as error:
+            raise _malformed(f"the multipart body is malformed: {error}") from None
+
+    def finish(self) -> DatasetSummary:
+        """Check the whole form, then move the file into place."""
+        if not self.complete:
+            raise _malformed("the multipart body ended before its closing boundary")
+        if self.filename is None:
+            raise APIError(
+                422,
+                "invalid_request",
+                "file: required; send the dataset as a multipart part named `file`",
+                param="file",
+            )
+        try:
+            summary = self.validator.finish()
+        except DatasetError as error:
+            raise _invalid_dataset(error) from None
+        self._files.close()  # fsync and rename: from here on the file is stored
+        return summary
+
+    def abort(self, error: BaseException) -> None:
+        """Remove the partial file (an error passed into `open_write` skips the rename)."""
+        self._files.__exit__(type(error), error, error.__traceback__)
+
+    def _on_part_begin(self) -> None:
+        self._headers = {}
+        self._part = None
+
+    def _on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_name += data[start:end]
+
+    def _on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def _on_header_end(self) -> None:
+        self._headers[bytes(self._header_name).strip().lower()] = bytes(self._header_value)
+        self._header_name.clear()
+        self._header_value.clear()
+
+    def _on_headers_finished(self) -> None:
+        disposition = self._headers.get(b"content-disposition")
+        if disposition is None:
+            raise _malformed("a multipart part has no Content-Disposition header")
+        _, params = parse_options_header(disposition)
+        name = params.get(b"name", b"").decode("utf-8", "replace")
+        if name == "file":
+            if self.filename is not None:
+                raise APIError(
+                    422, "invalid_request", "file: send one file per upload", param="file"
+                )
+            self.filename = safe_filename(params.get(b"filename"))
+            self._sink = self._files.enter_context(storage.open_write(dataset_key(self.dataset_id)))
+            self._part = "file"
+        elif name == "format":
+            if self.format is not None:
+                raise APIError(422, "invalid_request", "format: given twice", param="format")
+            self._field.clear()
+            self._part = "format"
+
+    def _on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._part == "file":
+            assert self._sink is not None
+            piece = data[start:end]
+            self.bytes += len(piece)
+            if self.bytes > self.limit:
+                raise _too_large(self.limit)
+            self.sha256.update(piece)
+            self._sink.write(piece)
+            self.validator.feed(piece)
+        elif self._part == "format":
+            self._field += data[start:end]
+            if len(self._field) > MAX_FIELD_BYTES:
+                raise self._bad_format()
+
+    def _on_part_end(self) -> None:
+        if self._part == "format":
+            value = self._field.decode("utf-8", "replace").strip()
+            if value not in FORMATS:
+                raise self._bad_format()
+            self.format = value
+            self.validator.set_format(value)  # may decide an error the file part left open
+        self._part = None
+
+    def _on_end(self) -> None:
+        self.complete = True
+
+    def _bad_format(self) -> APIError:
+        value = self._field[:MAX_FIELD_BYTES].decode("utf-8", "replace").strip()
+        return APIError(
+            422,
+            "invalid_request",
+            f"format: must be one of {', '.join(FORMATS)}; got {value!r}",
+            param="format",
+        )
+
+
+def _boundary(request: Request) -> bytes:
+    content_type, params = parse_options_header(request.headers.get("content-type"))
+    if content_type != b"multipart/form-data":
+        raise APIError(
+            415,
+            "unsupported_media_type",
+            "send the dataset as multipart/form-data with a `file` part",
+        )
+    boundary = params.get(b"boundary", b"")
+    if not 1 <= len(boundary) <= 200:
+        raise _malformed("the multipart/form-data Content-Type needs a boundary of 1-200 chars")
+    return boundary
+
+
+async def _receive(request: Request, upload: _Upload, limit: int) -> DatasetSummary:
+    """Feed the body to the upload in batches; stop at the first error."""
+    received = 0
+    batch: list[bytes] = []
+    batch_bytes = 0
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            # Counted here too, so a body that is all form overhead or junk cannot run forever.
+            if received > limit + FORM_OVERHEAD_BYTES:
+                raise _too_large(limit)
+            batch.append(chunk)
+            batch_bytes += len(chunk)
+            if batch_bytes >= BATCH_BYTES:
+                await run_in_threadpool(upload.write, b"".join(batch))
+                batch, batch_bytes = [], 0
+    except ClientDisconnect:
+        raise APIError(400, "client_disconnected", "the client went away mid-upload") from None
+    if batch:
+        await run_in_threadpool(upload.write, b"".join(batch))
+    return await run_in_threadpool(upload.finish)
+
+
+def _store_row(session: Session, dataset: Dataset) -> None:
+    session.add(dataset)
+    session.commit()
+
+
+@router.post(
+    "",
+    status_code=201,
+    openapi_extra={"requestBody": _UPLOAD_BODY},
+    responses={
+        400: {"model": ErrorRead},
+        413: {"model": ErrorRead},
+        415: {"model": ErrorRead},
+        422: {"model": ErrorRead},
+    },
+)
+async def upload_dataset(
+    request: Request, response: Response, session: SessionDep, principal: PrincipalDep
+) -> DatasetRead:
+    """Upload a dataset (multipart `file`, optional `format`); it is validated as it streams."""
+    limit = get_settings().max_dataset_bytes
+    boundary = _boundary(request)
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit + FORM_OVERHEAD_BYTES:
+        raise _too_large(limit)  # before reading a byte: a client that sent Expect waits for us
+    # Hand back the connection that authentication used: an upload can take minutes.
+    await run_in_threadpool(session.close)
+    upload = _Upload(new_id("ds"), boundary, limit)
+    try:
+        summary = await _receive(request, upload, limit)
+    except BaseException as error:
+        upload.abort(error)
+        if isinstance(error, APIError):
+            logger.info("upload %s refused: %s %s", upload.dataset_id, error.code, error.message)
+        raise
+    dataset = Dataset(
+        id=upload.dataset_id,
+        project_id=principal.project_id,
+        filename=upload.filename,
+        format=summary.format,
+        shape=summary.shape,
+        bytes=upload.bytes,
+        sha256=upload.sha256.hexdigest(),
+        examples=summary.examples,
+        created_at=utcnow(),
+    )
+    try:
+        await run_in_threadpool(_store_row, session, dataset)
+    except BaseException:
+        # The file is in place but no row points to it: remove it, so nothing is kept.
+        storage.delete(dataset_key(dataset.id))
+        raise
+    logger.info(
+        "dataset %s stored: %d bytes, %d examples, %s/%s",
+        dataset.id,
+        dataset.bytes,
+        dataset.examples,
+        dataset.format,
+        dataset.shape,
+    )
+    response.headers["Location"] = f"/datasets/{dataset.id}"
+    return DatasetRead.model_validate(dataset)
+
+
+@router.get("")
+def list_datasets(
+    session: SessionDep,
+    principal: PrincipalDep,
+    limit: Limit = 20,
+    after: Annotated[str | None, Query(max_length=64)] = None,
+) -> ListRead[DatasetRead]:
+    """List your datasets, newest first."""
+    statement = select(Dataset).where(
+        Dataset.project_id == principal.project_id, Dataset.deleted_at.is_(None)
+    )
+    rows, has_more = newest_first(session, statement, Dataset.id, limit, after)
+    return list_of([DatasetRead.model_validate(row) for row in rows], has_more)
+
+
+@router.get("/{dataset_id}")
+def get_dataset(dataset: DatasetDep) -> DatasetRead:
+    """Read one dataset."""
+    return DatasetRead.model_validate(dataset)
+
+
+def _file_chunks(stream: BinaryIO) -> Iterator[bytes]:
+    with stream:
+        while chunk := stream.read(BATCH_BYTES):
+            yield chunk
+
+
+def _content_disposition(filename: str) -> str:
+    fallback = "".join(
+        ch if ch.isascii() and ch.isprintable() and ch not in '"\\' else "_" for ch in filename
+    )
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
+
+
+@router.get(
+    "/{dataset_id}/content",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "content": {"text/plain": {}, "application/jsonl": {}},
+            "description": "The file as uploaded.",
+        }
+    },
+)
+def dataset_content(dataset: DatasetDep) -> StreamingResponse:
+    """Download the file as uploaded."""
+    try:
+        stream = storage.open_read(dataset_key(dataset.id))
+    except FileNotFoundError:
+        logger.error("dataset %s has a row but no file", dataset.id)
+        raise not_found("dataset", dataset.id) from None
+    # The size of the file we hold open, not a second lookup that a delete could race.
+    size = stream.seek(0, io.SEEK_END)
+    stream.seek(0)
+    media_type = "application/jsonl" if dataset.format == "jsonl" else "text/plain; charset=utf-8"
+    headers: dict[str, Any] = {
+        "Content-Length": str(size),
+        "Content-Disposition": _content_disposition(dataset.filename),
+        "ETag": f'"{dataset.sha256}"',
+    }
+    return StreamingResponse(_file_chunks(stream), media_type=media_type, headers=headers)
+
+
+@router.delete("/{dataset_id}", status_code=204, responses={409: {"model": ErrorRead}})
+def delete_dataset(dataset: DatasetDep, session: SessionDep) -> Response:
+    """Delete a dataset and its file; 409 while a queued or running job uses it."""
+    user = session.execute(
+        select(Job.id, Job.status)
+        .where(or_(Job.dataset_id == dataset.id, Job.validation_dataset_id == dataset.id))
+        .where(Job.status.in_(UNFINISHED))
+        .limit(1)
+    ).first()
+    if user is not None:
+        raise _in_use(dataset.id, user.id, user.status)
+    # The row stays, marked deleted, because finished jobs and their model cards name it.
+    dataset.deleted_at = utcnow()
+    session.commit()
+    # The row changes first: a failure between the two leaves an unreferenced file, never a
+    # live row whose content is missing.
+    storage.delete(dataset_key(dataset.id))
+    return Response(status_code=204)
+
+
+def _in_use(dataset_id: str, job_id: str, status: str) -> APIError:
+    return APIError(
+        409,
+        "dataset_in_use",
+        f"dataset {dataset_id} is used by {status} job {job_id}; cancel it or wait",
+        param="id",
+        details={"job_id": job_id, "status": status},
+    )

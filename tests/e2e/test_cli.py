@@ -1,0 +1,120 @@
+"""The `tunery` command: keys, migrate, and `tunery up` started and stopped like a person would."""
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+from sqlalchemy import inspect
+
+from shared.db import engine_for
+from tests.processes import free_port, tunery_environment, wait_for
+
+
+def tunery(*args: str, environment: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "shared.cli", *args],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+class TestKeysCreate:
+    def test_prints_the_key_alone_on_its_last_line(self, home: Path, tmp_path: Path):
+        environment = tunery_environment(home=str(home))
+        result = tunery("keys", "create", "ci", "--project", "search", environment=environment)
+        assert result.returncode == 0, result.stderr
+        token = result.stdout.rstrip("\n").splitlines()[-1]
+        assert token.startswith("tny_") and " " not in token
+        # The key is stored only as a hash.
+        database = (home / "tunery.db").read_bytes()
+        assert token.split("_", 2)[2].encode() not in database
+
+
+class TestMigrate:
+    def test_upgrades_an_empty_postgresql_database(self, home, tmp_path):
+        from tests.conftest import _drop_postgres_database, _fresh_postgres_database
+
+        name, url = _fresh_postgres_database()
+        try:
+            result = tunery(
+                "migrate", environment=tunery_environment(home=str(home), database_url=url)
+            )
+            assert result.returncode == 0, result.stderr
+            assert inspect(engine_for(url)).has_table("jobs")
+        finally:
+            engine_for(url).dispose()
+            _drop_postgres_database(name)
+
+
+class TestUp:
+    def test_serves_prints_a_key_and_stops_cleanly_on_ctrl_c(self, home, tmp_path, models_dir):
+        port = free_port()
+        log = tmp_path / "up.log"
+        environment = tunery_environment(home=str(home), models_dir=str(models_dir))
+        with open(log, "wb") as output:
+            up = subprocess.Popen(
+                [sys.executable, "-m", "shared.cli", "up", "--port", str(port)],
+                env=environment,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            base_url = f"http://127.0.0.1:{port}"
+
+            def ready() -> bool:
+                try:
+                    return httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            wait_for(ready, timeout=90, what="tunery up to be ready")
+            token = next(line for line in log.read_text().splitlines() if line.startswith("tny_"))
+            listed = httpx.get(f"{base_url}/jobs", headers={"Authorization": f"Bearer {token}"})
+            assert listed.status_code == 200 and listed.json()["data"] == []
+            children = psutil.Process(up.pid).children(recursive=True)
+            assert len(children) >= 2  # the API and the worker (and its pool)
+
+            up.send_signal(signal.SIGINT)  # what Ctrl-C sends
+            started = time.monotonic()
+            assert up.wait(timeout=60) == 0, log.read_text()
+            stopped_in = time.monotonic() - started
+            assert not [
+                child
+                for child in children
+                if child.is_running() and child.status() != psutil.STATUS_ZOMBIE
+            ]
+            assert stopped_in < 30
+        finally:
+            if up.poll() is None:
+                up.kill()
+
+    def test_a_second_start_on_the_same_home_prints_no_new_key(self, home, tmp_path):
+        environment = tunery_environment(home=str(home))
+        assert tunery("keys", "create", "first", environment=environment).returncode == 0
+        port = free_port()
+        up = subprocess.Popen(
+            [sys.executable, "-m", "shared.cli", "up", "--port", str(port)],
+            env=environment,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            wait_for(lambda: _answers(port), timeout=90, what="tunery up")
+        finally:
+            up.send_signal(signal.SIGINT)
+            output, _ = up.communicate(timeout=60)
+        assert "tny_" not in output
+
+
+def _answers(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
