@@ -199,7 +199,7 @@ def requeue(session: Session, job_id: str, attempt: int, reason: str) -> bool:
         f"job re-queued: {reason}",
         level="warning",
         attempt=attempt,
-        values={"heartbeat_at": None},
+        values={"heartbeat_at": None, "enqueued_at": utcnow()},
     )
 
 
@@ -226,6 +226,7 @@ def heartbeat(
 def add_queued(session: Session, job: Job) -> None:
     """Store a new job; it starts queued, and that too is a status event."""
     job.status = QUEUED
+    job.enqueued_at = utcnow()
     session.add(job)
     session.flush()
     add_event(session, job.id, "job created and queued", type="status", data={"status": QUEUED})

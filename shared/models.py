@@ -113,6 +113,8 @@ class Job(Base):
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     request_sha256: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # When the doorbell was last sent; the sweeper sends it again for a job nobody claims.
+    enqueued_at: Mapped[datetime | None]
     started_at: Mapped[datetime | None]
     heartbeat_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]

@@ -50,7 +50,7 @@ def celery_app() -> Celery:
         # The local queue has no fanout exchange for remote control; it is not needed.
         worker_enable_remote_control=bool(settings.broker_url),
         task_default_queue="tunery",
-        include=["worker.tasks"],
+        include=["worker.app"],
     )
     return app
 

@@ -35,6 +35,10 @@ class Settings(BaseSettings):
     heartbeat_timeout_s: float = Field(default=60, gt=0)
     checkpoint_interval_s: float = Field(default=600, gt=0)
     max_attempts: int = Field(default=3, ge=1)
+    requeue_unclaimed_after_s: float = Field(
+        default=300, gt=0, description="Send the doorbell again for a job queued this long."
+    )
+    sweep_interval_s: float = Field(default=10, gt=0, description="How often the sweeper looks.")
 
     @field_validator("allowed_base_models", mode="before")
     @classmethod

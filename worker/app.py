@@ -1,5 +1,34 @@
-"""The Celery app as the worker runs it (`celery -A worker.app worker`)."""
+"""The worker process: its Celery app, its tasks, and the sweeper beside them.
 
+`tunery worker` (and `celery -A worker.app worker`) load this module in the main process.
+"""
+
+import threading
+
+from celery.signals import worker_process_init, worker_ready, worker_shutdown
+
+from shared.db import get_engine
 from shared.queue import celery_app
+from worker import tasks  # noqa: F401  (registers jobs.train)
+from worker.sweeper import start_in_background
 
 app = celery_app()
+_sweeper_stop: threading.Event | None = None
+
+
+@worker_ready.connect
+def _start_sweeper(**_: object) -> None:
+    global _sweeper_stop
+    _sweeper_stop = start_in_background()
+
+
+@worker_shutdown.connect
+def _stop_sweeper(**_: object) -> None:
+    if _sweeper_stop is not None:
+        _sweeper_stop.set()
+
+
+@worker_process_init.connect
+def _own_database_connections(**_: object) -> None:
+    # A forked pool process must not share the parent's pooled sockets (the sweeper's, say).
+    get_engine().dispose(close=False)

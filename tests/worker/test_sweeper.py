@@ -1,0 +1,133 @@
+"""The sweeper re-sends lost doorbells, re-queues jobs of dead workers, and caps attempts."""
+
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select, update
+
+from shared import jobs
+from shared.db import session_scope
+from shared.keys import project_named
+from shared.models import Dataset, Job, JobEvent, utcnow
+from worker.sweeper import sweep
+
+
+def new_job() -> str:
+    with session_scope() as session:
+        project = project_named(session, "alpha")
+        dataset = Dataset(
+            project_id=project.id,
+            filename="d.txt",
+            format="text",
+            shape="text",
+            bytes=1,
+            sha256="0" * 64,
+            examples=1,
+        )
+        session.add(dataset)
+        session.flush()
+        job = Job(
+            project_id=project.id,
+            base_model="m",
+            dataset_id=dataset.id,
+            validation_split=0.1,
+            method="full",
+            hyperparameters={},
+            eval_prompts=[],
+            metadata_={},
+            progress={},
+            metrics={},
+        )
+        jobs.add_queued(session, job)
+        return job.id
+
+
+def age(job_id: str, seconds: float, *columns: str) -> None:
+    with session_scope() as session:
+        past = utcnow() - timedelta(seconds=seconds)
+        session.execute(update(Job).where(Job.id == job_id).values(**dict.fromkeys(columns, past)))
+
+
+def row(job_id: str) -> Job:
+    with session_scope() as session:
+        return session.get(Job, job_id)
+
+
+def messages(job_id: str) -> list[str]:
+    with session_scope() as session:
+        return list(
+            session.scalars(
+                select(JobEvent.message).where(JobEvent.job_id == job_id).order_by(JobEvent.seq)
+            )
+        )
+
+
+def queued_messages(settings) -> int:
+    return len(list((settings.queue_dir / "messages").glob("*.msg")))
+
+
+@pytest.fixture
+def sweeper_settings(settings, monkeypatch):
+    from shared.settings import get_settings
+
+    monkeypatch.setenv("TUNERY_HEARTBEAT_TIMEOUT_S", "60")
+    monkeypatch.setenv("TUNERY_REQUEUE_UNCLAIMED_AFTER_S", "300")
+    monkeypatch.setenv("TUNERY_MAX_ATTEMPTS", "2")
+    get_settings.cache_clear()
+    return get_settings()
+
+
+class TestSweep:
+    def test_fresh_jobs_are_left_alone(self, sweeper_settings):
+        queued = new_job()
+        running = new_job()
+        with session_scope() as session:
+            jobs.claim(session, running)
+        report = sweep()
+        assert (report.resent, report.requeued, report.failed) == ([], [], [])
+        assert row(queued).status == "queued" and row(running).status == "running"
+
+    def test_an_unclaimed_job_is_sent_again(self, sweeper_settings):
+        job_id = new_job()
+        age(job_id, 301, "enqueued_at")
+        before = queued_messages(sweeper_settings)
+        assert sweep().resent == [job_id]
+        assert queued_messages(sweeper_settings) == before + 1
+        assert "its message was sent again" in messages(job_id)[-1]
+        assert sweep().resent == []  # not again until the setting passes once more
+
+    def test_a_silent_worker_loses_its_job(self, sweeper_settings):
+        job_id = new_job()
+        with session_scope() as session:
+            jobs.claim(session, job_id)
+        age(job_id, 61, "heartbeat_at", "started_at")
+        assert sweep().requeued == [job_id]
+        job = row(job_id)
+        assert job.status == "queued" and job.heartbeat_at is None and job.attempt == 1
+        assert "no heartbeat from its worker for 60 s" in messages(job_id)[-1]
+        with session_scope() as session:
+            assert jobs.claim(session, job_id) == 2
+
+    def test_a_claim_that_never_heartbeated_counts_from_its_start(self, sweeper_settings):
+        job_id = new_job()
+        with session_scope() as session:
+            jobs.claim(session, job_id)
+            session.execute(update(Job).where(Job.id == job_id).values(heartbeat_at=None))
+        assert sweep().requeued == []
+        age(job_id, 61, "started_at")
+        assert sweep().requeued == [job_id]
+
+    def test_the_last_attempt_fails_as_worker_lost(self, sweeper_settings):
+        job_id = new_job()
+        for _ in range(2):
+            with session_scope() as session:
+                jobs.claim(session, job_id)
+            age(job_id, 61, "heartbeat_at")
+            sweep()
+        job = row(job_id)
+        assert job.status == "failed" and job.attempt == 2
+        assert job.error == {
+            "code": "worker_lost",
+            "message": "the worker stopped answering on attempt 2 of 2",
+            "user_error": False,
+        }

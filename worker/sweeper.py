@@ -1,0 +1,114 @@
+"""The sweeper: the database is the truth, so it repairs what the queue and dead workers lose.
+
+It runs in every `tunery worker` (and so in `tunery up`). Several sweepers at once are fine:
+each action is a conditional update that only one of them wins.
+"""
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from sqlalchemy import func, select, update
+
+from shared import jobs
+from shared.db import session_scope
+from shared.models import Job, utcnow
+from shared.queue import send_train
+from shared.settings import get_settings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SweepReport:
+    resent: list[str] = field(default_factory=list)
+    requeued: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+
+def _resend_unclaimed(report: SweepReport) -> None:
+    """Ring again for jobs queued longer than the setting: their message may have been lost."""
+    settings = get_settings()
+    now = utcnow()
+    cutoff = now - timedelta(seconds=settings.requeue_unclaimed_after_s)
+    with session_scope() as session:
+        waiting = session.scalars(
+            select(Job.id).where(
+                Job.status == jobs.QUEUED, func.coalesce(Job.enqueued_at, Job.created_at) < cutoff
+            )
+        ).all()
+        for job_id in waiting:
+            touched = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status == jobs.QUEUED)
+                .values(enqueued_at=now)
+                .execution_options(synchronize_session=False)
+            )
+            if touched.rowcount == 1:
+                jobs.add_event(
+                    session,
+                    job_id,
+                    f"no worker claimed the job for {settings.requeue_unclaimed_after_s:g} s; "
+                    "its message was sent again",
+                    level="warning",
+                )
+                report.resent.append(job_id)
+    for job_id in report.resent:  # after the commit, as everywhere
+        send_train(job_id)
+
+
+def _recover_stale(report: SweepReport) -> None:
+    """Re-queue running jobs whose worker went silent, or fail them after the last attempt."""
+    settings = get_settings()
+    timeout = settings.heartbeat_timeout_s
+    cutoff = utcnow() - timedelta(seconds=timeout)
+    with session_scope() as session:
+        # A job claimed but never heartbeated counts from its start.
+        stale = session.execute(
+            select(Job.id, Job.attempt).where(
+                Job.status == jobs.RUNNING, func.coalesce(Job.heartbeat_at, Job.started_at) < cutoff
+            )
+        ).all()
+    for job_id, attempt in stale:
+        with session_scope() as session:
+            if attempt >= settings.max_attempts:
+                error = {
+                    "code": "worker_lost",
+                    "message": f"the worker stopped answering on attempt {attempt} of "
+                    f"{settings.max_attempts}",
+                    "user_error": False,
+                }
+                if jobs.mark_failed(session, job_id, error, attempt=attempt):
+                    report.failed.append(job_id)
+            elif jobs.requeue(
+                session, job_id, attempt, f"no heartbeat from its worker for {timeout:g} s"
+            ):
+                report.requeued.append(job_id)
+    for job_id in report.requeued:
+        send_train(job_id)
+
+
+def sweep() -> SweepReport:
+    report = SweepReport()
+    _resend_unclaimed(report)
+    _recover_stale(report)
+    if report.resent or report.requeued or report.failed:
+        logger.info("sweep: %s", report)
+    return report
+
+
+def run_forever(stop: threading.Event) -> None:
+    interval = get_settings().sweep_interval_s
+    while not stop.wait(interval):
+        try:
+            sweep()
+        except Exception:
+            # A database or broker outage must not kill the sweeper; the next round retries.
+            logger.warning("sweep failed; retrying in %g s", interval, exc_info=True)
+
+
+def start_in_background() -> threading.Event:
+    stop = threading.Event()
+    threading.Thread(target=run_forever, args=(stop,), name="tunery-sweeper", daemon=True).start()
+    return stop
