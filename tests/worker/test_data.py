@@ -1,0 +1,169 @@
+"""Reading, rendering, splitting and packing training data (no database needed)."""
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from shared import storage
+from shared.ids import new_id
+from shared.models import Dataset
+from shared.settings import get_settings
+from tests.conftest import TINY_MODEL
+from worker.data import (
+    iter_examples,
+    prepare_data,
+    render_example,
+    steps_per_epoch,
+    validation_mask,
+)
+from worker.errors import JobFailure
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Storage under a temporary home; these tests touch no database."""
+    monkeypatch.setenv("TUNERY_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("TUNERY_STORAGE_URL", raising=False)
+    get_settings.cache_clear()
+    yield tmp_path / "home"
+    get_settings.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(models_dir: Path) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(models_dir / TINY_MODEL)
+
+
+def stored(body: bytes, *, format: str = "text", shape: str = "text") -> Dataset:
+    dataset = Dataset(id=new_id("ds"), filename="data", format=format, shape=shape)
+    with storage.open_write(storage.dataset_key(dataset.id)) as stream:
+        stream.write(body)
+    return dataset
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[int]:
+    """What packing must produce: each example's ids followed by EOS, concatenated."""
+    ids: list[int] = []
+    for text in texts:
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return ids
+
+
+@pytest.mark.usefixtures("home")
+class TestReading:
+    def test_text_is_one_example_per_non_blank_line(self) -> None:
+        dataset = stored(b"\xef\xbb\xbffirst line\r\n\n   \nsecond  line \nthird")
+        assert list(iter_examples(dataset)) == ["first line", "second  line ", "third"]
+
+    def test_jsonl_shapes_render_to_text(self) -> None:
+        rows = [
+            {"prompt": "Q: two plus two?", "completion": " A: four"},
+            {"prompt": "Q: sky?", "completion": " A: blue"},
+        ]
+        body = "".join(json.dumps(row) + "\n" for row in rows).encode()
+        dataset = stored(body, format="jsonl", shape="prompt_completion")
+        assert list(iter_examples(dataset)) == ["Q: two plus two? A: four", "Q: sky? A: blue"]
+
+        text = stored(b'{"text": "hello"}\n\n{"text": "world"}\n', format="jsonl")
+        assert list(iter_examples(text)) == ["hello", "world"]
+
+    def test_messages_render_each_turn_on_its_own_line(self) -> None:
+        messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+        assert render_example({"messages": messages}, "messages") == "user: hi\nassistant: hello"
+
+    def test_a_corrupt_file_is_a_user_error_naming_the_line(self) -> None:
+        dataset = stored(b"good line\nbad \xff line\n")
+        with pytest.raises(JobFailure) as caught:
+            list(iter_examples(dataset))
+        assert caught.value.code == "invalid_dataset" and caught.value.user_error
+        assert "line 2" in caught.value.message
+
+    def test_a_missing_file_is_not_the_callers_fault(self) -> None:
+        dataset = Dataset(id=new_id("ds"), filename="gone", format="text", shape="text")
+        with pytest.raises(JobFailure) as caught:
+            list(iter_examples(dataset))
+        assert caught.value.code == "dataset_unavailable" and not caught.value.user_error
+
+
+@pytest.mark.usefixtures("home")
+class TestPacking:
+    def test_examples_end_with_eos_and_the_tail_is_dropped(
+        self, tokenizer: PreTrainedTokenizerBase
+    ) -> None:
+        texts = [f"line number {i} of the text" for i in range(30)]
+        dataset = stored(("\n".join(texts) + "\n").encode())
+
+        data = prepare_data(tokenizer, dataset, None, 0.0, block_size=16, seed=1)
+
+        expected = encode(tokenizer, texts)
+        assert len(data.train) == len(expected) // 16
+        assert data.train.blocks.flatten().tolist() == expected[: len(data.train) * 16]
+        assert data.eval is None and data.eval_examples == 0
+        item = data.train[0]
+        assert item["input_ids"].tolist() == item["labels"].tolist() == expected[:16]
+
+    def test_the_split_holds_out_whole_examples_chosen_by_the_seed(
+        self, tokenizer: PreTrainedTokenizerBase
+    ) -> None:
+        texts = [f"example {i} says {'ab' * (i % 5)}" for i in range(100)]
+        dataset = stored(("\n".join(texts) + "\n").encode())
+
+        data = prepare_data(tokenizer, dataset, None, 0.2, block_size=8, seed=3)
+
+        mask = validation_mask(100, 0.2, 3)
+        assert sum(mask) == 20 == data.eval_examples and data.train_examples == 80
+        held_out = [text for text, out in zip(texts, mask, strict=True) if out]
+        kept = [text for text, out in zip(texts, mask, strict=True) if not out]
+        # Each split is its own examples' tokens only: no block mixes train and eval.
+        train_ids, eval_ids = encode(tokenizer, kept), encode(tokenizer, held_out)
+        assert data.train.blocks.flatten().tolist() == train_ids[: data.train.tokens]
+        assert data.eval is not None
+        assert data.eval.blocks.flatten().tolist() == eval_ids[: data.eval.tokens]
+
+    def test_the_split_is_deterministic_per_seed(self) -> None:
+        assert validation_mask(1000, 0.1, 42) == validation_mask(1000, 0.1, 42)
+        assert validation_mask(1000, 0.1, 42) != validation_mask(1000, 0.1, 43)
+        assert sum(validation_mask(3, 0.01, 0)) == 1  # at least one example held out
+        assert sum(validation_mask(2, 0.5, 0)) == 1  # never all of them
+        assert sum(validation_mask(10, 0.0, 0)) == 0
+
+    def test_a_validation_dataset_is_the_eval_set_whole(
+        self, tokenizer: PreTrainedTokenizerBase
+    ) -> None:
+        train = stored(("the cat sat on the mat\n" * 20).encode())
+        held_out = stored(("a dog ran in the park today\n" * 10).encode())
+
+        data = prepare_data(tokenizer, train, held_out, 0.3, block_size=8, seed=0)
+
+        assert data.train_examples == 20 and data.eval_examples == 10
+        expected = encode(tokenizer, ["a dog ran in the park today"] * 10)
+        assert data.eval is not None
+        assert data.eval.blocks.flatten().tolist() == expected[: data.eval.tokens]
+
+    def test_a_validation_set_shorter_than_a_block_is_one_short_block(
+        self, tokenizer: PreTrainedTokenizerBase
+    ) -> None:
+        train = stored(("the cat sat on the mat\n" * 40).encode())
+        held_out = stored(b"short\n")
+
+        data = prepare_data(tokenizer, train, held_out, 0.0, block_size=32, seed=0)
+
+        assert data.eval is not None and data.eval_is_short_block
+        assert data.eval.blocks.tolist() == [encode(tokenizer, ["short"])]
+
+    def test_too_little_data_for_one_block_is_a_user_error(
+        self, tokenizer: PreTrainedTokenizerBase
+    ) -> None:
+        dataset = stored(b"hi\nthere\n")
+        with pytest.raises(JobFailure) as caught:
+            prepare_data(tokenizer, dataset, None, 0.0, block_size=64, seed=0)
+        assert caught.value.code == "dataset_too_small" and caught.value.user_error
+
+
+def test_steps_per_epoch_counts_optimizer_steps() -> None:
+    assert steps_per_epoch(blocks=100, batch_size=8, accumulation=1) == 13
+    assert steps_per_epoch(blocks=100, batch_size=8, accumulation=4) == 3
+    assert steps_per_epoch(blocks=3, batch_size=8, accumulation=4) == 1

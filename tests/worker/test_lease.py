@@ -1,0 +1,86 @@
+"""The lease keeps database traffic bounded and stops writing the moment it is lost."""
+
+from typing import Any
+
+import pytest
+from sqlalchemy import update
+from sqlalchemy.exc import OperationalError
+
+from shared.db import session_scope
+from shared.models import Job
+from shared.settings import Settings
+from tests.worker.conftest import MakeDataset, MakeJob
+from tests.worker.helpers import events_of, learnable_text, load_job
+from worker import lease as lease_module
+from worker.errors import JobCancelled, LeaseLost
+from worker.lease import Lease
+
+
+@pytest.fixture
+def claimed(settings: Settings, make_dataset: MakeDataset, make_job: MakeJob) -> tuple[str, int]:
+    return make_job(make_dataset(learnable_text(10)), block_size=32)
+
+
+def test_heartbeats_and_polls_are_throttled(
+    claimed: tuple[str, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job_id, attempt = claimed
+    lease = Lease(job_id, attempt)
+    opened = []
+    real = lease_module.session_scope
+
+    def counting() -> Any:
+        opened.append(1)
+        return real()
+
+    monkeypatch.setattr(lease_module, "session_scope", counting)
+
+    for step in range(200):  # a fast training loop
+        lease.poll()
+        lease.beat({"step": step})
+
+    assert len(opened) == 2  # one poll and one heartbeat, not one per step
+    assert load_job(job_id).progress == {"step": 0}
+
+
+def test_a_cancel_request_is_seen_by_the_next_poll(claimed: tuple[str, int]) -> None:
+    job_id, attempt = claimed
+    lease = Lease(job_id, attempt)
+    with session_scope() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(cancel_requested=True))
+
+    with pytest.raises(JobCancelled):
+        lease.check()
+    assert not lease.lost
+
+
+def test_a_lost_lease_writes_nothing(claimed: tuple[str, int]) -> None:
+    job_id, attempt = claimed
+    lease = Lease(job_id, attempt)
+    with session_scope() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(attempt=attempt + 1))
+    before = [event.seq for event in events_of(job_id)]
+
+    with pytest.raises(LeaseLost):
+        lease.event("should not be written")
+
+    assert lease.lost and not lease.beat(force=True)
+    assert [event.seq for event in events_of(job_id)] == before
+
+
+def test_a_database_outage_skips_heartbeats_instead_of_failing_training(
+    claimed: tuple[str, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job_id, attempt = claimed
+    lease = Lease(job_id, attempt)
+
+    def unreachable() -> Any:
+        raise OperationalError("SELECT 1", {}, Exception("connection refused"))
+
+    monkeypatch.setattr(lease_module, "session_scope", unreachable)
+
+    assert lease.beat({"step": 1}, force=True)  # skipped, still ours as far as we know
+    lease.poll(force=True)
+    assert not lease.should_stop
+    with pytest.raises(OperationalError):  # stage events are not optional: the job fails
+        lease.event("model loaded")

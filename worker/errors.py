@@ -1,0 +1,64 @@
+"""Why a job stopped, turned into the `{code, message, user_error}` the job object shows.
+
+`user_error` says whether the caller can fix it by changing the request (data, hyperparameters,
+base model); everything else is ours. Messages are one line and never carry a traceback: the
+traceback goes to the worker log.
+"""
+
+from typing import Any
+
+import torch
+
+_MAX_MESSAGE = 500
+
+
+class JobFailure(Exception):
+    """A failure we recognised, with the code and message the caller will read."""
+
+    def __init__(self, code: str, message: str, *, user_error: bool) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.user_error = user_error
+
+
+class JobCancelled(Exception):
+    """The caller asked to cancel; the pipeline unwinds and marks the job cancelled."""
+
+
+class LeaseLost(Exception):
+    """This attempt no longer owns the job (re-queued, or claimed by another worker): stop and
+    write nothing more, the owner's writes are the truth now."""
+
+
+def _first_line(text: str) -> str:
+    line = next((part.strip() for part in text.splitlines() if part.strip()), "")
+    return line if len(line) <= _MAX_MESSAGE else line[: _MAX_MESSAGE - 3] + "..."
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError | torch.cuda.OutOfMemoryError):
+        return True
+    # Some backends (MPS, older CUDA paths, the CPU allocator) raise a plain RuntimeError.
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def classify(exc: BaseException) -> dict[str, Any]:
+    """The job's `error` for an exception that ended the pipeline."""
+    if isinstance(exc, JobFailure):
+        return {"code": exc.code, "message": _first_line(exc.message), "user_error": exc.user_error}
+    if _is_out_of_memory(exc):
+        # The caller can fix this one: smaller batches or blocks need less memory.
+        return {
+            "code": "out_of_memory",
+            "message": "training ran out of memory; lower batch_size or block_size "
+            "(raise gradient_accumulation_steps to keep the effective batch)",
+            "user_error": True,
+        }
+    detail = _first_line(str(exc))
+    summary = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+    return {
+        "code": "internal_error",
+        "message": _first_line(f"internal error ({summary}); see the worker log"),
+        "user_error": False,
+    }

@@ -1,0 +1,380 @@
+"""One training job from claimed row to finished row: the order of the steps, top to bottom.
+
+load base model -> tokenize + pack + split -> baseline samples and eval -> Trainer.train()
+-> final eval and samples -> save -> package the tarball into storage -> mark succeeded.
+
+`run` never raises: a failure becomes the job's `error`, a cancel becomes `cancelled`, and a
+lost claim ends the attempt silently, because another attempt owns the job now.
+"""
+
+import gc
+import logging
+import math
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from huggingface_hub.utils import disable_progress_bars
+from pydantic import ValidationError
+from sqlalchemy import inspect as orm_inspect
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+from transformers import GenerationConfig, Trainer
+from transformers.utils import logging as transformers_logging
+
+from shared import jobs, storage
+from shared.db import session_scope
+from shared.models import Dataset, Job, JobMetric, utcnow
+from shared.schemas import Hyperparameters, JobMetricRead, JobMetrics, JobRead
+from shared.settings import get_settings
+from worker import artifacts
+from worker.data import PreparedData, prepare_data, steps_per_epoch
+from worker.errors import JobCancelled, JobFailure, LeaseLost, classify
+from worker.lease import Lease
+from worker.trainer import (
+    BaseModel,
+    JobCallback,
+    build_trainer,
+    describe_device,
+    evaluate_loss,
+    finite,
+    generate_samples,
+    load_base_model,
+    logging_steps,
+    perplexity,
+    training_arguments,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class JobInputs:
+    """The rows a run reads, loaded once (detached copies; the database stays the truth)."""
+
+    job: Job
+    dataset: Dataset
+    validation: Dataset | None
+    hyperparameters: Hyperparameters
+
+
+@dataclass
+class RunState:
+    """What the run has learned so far, reported in events, job.json and the model card."""
+
+    metrics: dict[str, Any] = field(default_factory=lambda: JobMetrics().model_dump())
+    progress: dict[str, Any] = field(default_factory=dict)
+    samples: list[dict[str, str]] = field(default_factory=list)
+    training: dict[str, Any] = field(default_factory=dict)
+
+
+def run(job_id: str, attempt: int) -> None:
+    """Train job `job_id`, claimed by the caller as `attempt`, and record how it ended."""
+    transformers_logging.disable_progress_bar()
+    disable_progress_bars()
+    lease = Lease(job_id, attempt)
+    try:
+        with _workdir(job_id) as workdir:
+            _train(lease, workdir)
+    except LeaseLost:
+        logger.warning("job %s attempt %s lost its claim; stopped without writing", job_id, attempt)
+    except JobCancelled:
+        logger.info("job %s cancelled", job_id)
+        _record_end(job_id, lambda session: jobs.mark_cancelled(session, job_id, attempt))
+    except Exception as exc:
+        error = classify(exc)
+        logger.exception("job %s attempt %s failed: %s", job_id, attempt, error["code"])
+        _record_end(
+            job_id, lambda session: jobs.mark_failed(session, job_id, error, attempt=attempt)
+        )
+    finally:
+        # Free the model before the next job; the worker process lives on.
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _record_end(job_id: str, transition: Callable[[Session], bool]) -> None:
+    try:
+        with session_scope() as session:
+            transition(session)
+    except Exception:  # the database is away: the sweeper re-queues the job later
+        logger.exception("job %s: could not record how it ended", job_id)
+
+
+@contextmanager
+def _workdir(job_id: str) -> Iterator[Path]:
+    # Under TUNERY_HOME rather than /tmp: a model's files can be larger than a tmpfs.
+    parent = get_settings().home.resolve() / "work"
+    parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(
+        prefix=f"{job_id}-", dir=parent, ignore_cleanup_errors=True
+    ) as folder:
+        yield Path(folder)
+
+
+def load_inputs(job_id: str, attempt: int) -> JobInputs:
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        if job is None or job.status != jobs.RUNNING or job.attempt != attempt:
+            raise LeaseLost(f"job {job_id} is not running as attempt {attempt}")
+        dataset = session.get(Dataset, job.dataset_id)
+        validation = (
+            session.get(Dataset, job.validation_dataset_id) if job.validation_dataset_id else None
+        )
+    if dataset is None or (job.validation_dataset_id and validation is None):
+        raise JobFailure("dataset_not_found", "the job's dataset was deleted", user_error=True)
+    if job.method != "full":
+        raise JobFailure(
+            "unsupported_method", f"method {job.method!r} is not supported yet", user_error=True
+        )
+    try:
+        hyperparameters = Hyperparameters.model_validate(job.hyperparameters)
+    except ValidationError as exc:
+        raise JobFailure(
+            "invalid_hyperparameters",
+            f"invalid hyperparameters: {exc.errors()[0]['msg']}",
+            user_error=True,
+        ) from None
+    return JobInputs(job, dataset, validation, hyperparameters)
+
+
+def _train(lease: Lease, workdir: Path) -> None:
+    inputs = load_inputs(lease.job_id, lease.attempt)
+    job, hp, state = inputs.job, inputs.hyperparameters, RunState()
+
+    lease.event(f"loading base model {job.base_model}")
+    with lease.keep_alive():  # a Hub download can take minutes
+        base = load_base_model(job.base_model, get_settings(), block_size=hp.block_size)
+    parameters = sum(p.numel() for p in base.model.parameters())
+    lease.event(
+        f"base model {job.base_model} loaded ({parameters:,} parameters)",
+        data={"base_model": job.base_model, "parameters": parameters, **describe_device()},
+    )
+    lease.check()
+
+    data = prepare_data(
+        base.tokenizer,
+        inputs.dataset,
+        inputs.validation,
+        job.validation_split,
+        block_size=hp.block_size,
+        seed=hp.seed,
+        on_progress=lease.beat,
+    )
+    _report_data(lease, data, hp.block_size)
+    lease.check()
+
+    trainer, callback = _make_trainer(lease, base, data, hp, workdir, state)
+    baseline_samples = _samples(lease, trainer, base, job.eval_prompts, "base model")
+    _evaluate(lease, trainer, data, state, stage="baseline")
+    lease.check()
+
+    lease.event("training started", data=state.training)
+    output = trainer.train()
+    lease.check()  # a cancel or a lost claim stopped the loop: leave before anything is saved
+    state.metrics["train_loss"] = finite(output.training_loss)
+    state.progress = {**callback.progress(trainer.state), "fraction": 1.0, "eta_seconds": 0.0}
+    _evaluate(lease, trainer, data, state, stage="final")
+    tuned_samples = _samples(lease, trainer, base, job.eval_prompts, "fine-tuned model")
+    state.samples = [
+        {"prompt": before["prompt"], "base": before["completion"], "tuned": after["completion"]}
+        for before, after in zip(baseline_samples, tuned_samples, strict=True)
+    ]
+    lease.check()
+
+    package = workdir / "package"
+    lease.event("saving the model")
+    with lease.keep_alive():
+        _save_model(trainer, base, package / "model")
+    lease.event("packaging the artifact")
+    with lease.keep_alive():
+        finished_at = utcnow()
+        _write_package(package, inputs, state, finished_at)
+        lease.check()
+        size, sha256 = artifacts.upload_tarball(package, storage.artifact_key(job.id))
+    with session_scope() as session:
+        done = jobs.mark_succeeded(
+            session,
+            job.id,
+            lease.attempt,
+            values={
+                "artifact_bytes": size,
+                "artifact_sha256": sha256,
+                "metrics": state.metrics,
+                "progress": state.progress,
+                "finished_at": finished_at,
+            },
+        )
+    if not done:
+        logger.warning("job %s: claim lost while packaging; the artifact is not ours", job.id)
+
+
+def _report_data(lease: Lease, data: PreparedData, block_size: int) -> None:
+    examples = data.train_examples + data.eval_examples
+    blocks = len(data.train) + (len(data.eval) if data.eval is not None else 0)
+    lease.event(
+        f"{examples} examples tokenized into {blocks} blocks of {block_size} tokens",
+        data={
+            "train_examples": data.train_examples,
+            "train_blocks": len(data.train),
+            "train_tokens": data.train_tokens_total,
+            "eval_examples": data.eval_examples,
+            "eval_blocks": len(data.eval) if data.eval is not None else 0,
+            "eval_tokens": data.eval_tokens_total,
+        },
+    )
+    if data.eval_is_short_block:
+        lease.event(
+            f"the validation set has {data.eval_tokens_total} tokens, fewer than one block; "
+            "it is evaluated as one shorter block",
+            level="warning",
+        )
+
+
+def _make_trainer(
+    lease: Lease,
+    base: BaseModel,
+    data: PreparedData,
+    hp: Hyperparameters,
+    workdir: Path,
+    state: RunState,
+) -> tuple[Trainer, JobCallback]:
+    per_epoch = steps_per_epoch(len(data.train), hp.batch_size, hp.gradient_accumulation_steps)
+    total_steps = hp.max_steps or max(1, math.ceil(hp.epochs * per_epoch))
+    state.training = {
+        "total_steps": total_steps,
+        "logging_steps": logging_steps(total_steps),
+        "train_blocks": len(data.train),
+        "eval_blocks": len(data.eval) if data.eval is not None else 0,
+        "train_tokens": data.train.tokens,
+        **describe_device(),
+    }
+    tokens_per_step = hp.batch_size * hp.gradient_accumulation_steps * hp.block_size
+    callback = JobCallback(lease, tokens_per_step)
+    args = training_arguments(hp, workdir / "trainer", total_steps)
+    return build_trainer(base.model, args, data.train, data.eval, [callback]), callback
+
+
+def _samples(
+    lease: Lease, trainer: Trainer, base: BaseModel, prompts: list[str], which: str
+) -> list[dict[str, str]]:
+    samples = generate_samples(
+        trainer.model,
+        base.tokenizer,
+        prompts,
+        max_positions=base.max_positions,
+        on_progress=lease.beat,
+    )
+    if samples:
+        lease.event(f"samples from the {which}", data={"model": which, "samples": samples})
+    return samples
+
+
+def _evaluate(
+    lease: Lease, trainer: Trainer, data: PreparedData, state: RunState, *, stage: str
+) -> None:
+    """Eval loss and perplexity, written as a metric row, an event and the job's metrics."""
+    loss = evaluate_loss(trainer, data.eval)
+    if loss is None:
+        return
+    ppl = perplexity(loss)
+    prefix = "baseline_" if stage == "baseline" else ""
+    state.metrics[f"{prefix}eval_loss"] = loss
+    state.metrics[f"{prefix}eval_perplexity"] = ppl
+    step = trainer.state.global_step
+    message = f"{stage} eval: loss {loss:.4f}" + (f", perplexity {ppl:.2f}" if ppl else "")
+    row = JobMetric(
+        job_id=lease.job_id, step=step, epoch=float(trainer.state.epoch or 0.0), eval_loss=loss
+    )
+
+    def add(session: Session) -> None:
+        session.add(row)
+        data = {"stage": stage, "step": step, "eval_loss": loss, "eval_perplexity": ppl}
+        jobs.add_event(session, lease.job_id, message, type="metrics", data=data)
+
+    logger.info("job %s: %s", lease.job_id, message)
+    if not lease.write(add, values={"metrics": dict(state.metrics)}):
+        raise LeaseLost(lease.job_id)
+
+
+def _save_model(trainer: Trainer, base: BaseModel, folder: Path) -> None:
+    model = trainer.model
+    model.save_pretrained(folder)
+    base.tokenizer.save_pretrained(folder)
+    if not (folder / "generation_config.json").is_file():
+        # The contract promises it; models without one get the defaults from their config.
+        GenerationConfig.from_model_config(model.config).save_pretrained(folder)
+
+
+def _write_package(
+    package: Path, inputs: JobInputs, state: RunState, finished_at: datetime
+) -> None:
+    job, dataset = inputs.job, inputs.dataset
+    job_json = _job_document(job.id, state, finished_at)
+    artifacts.write_json(package / "job.json", job_json)
+    artifacts.write_jsonl(package / "metrics.jsonl", _metric_rows(job.id))
+    facts = artifacts.CardFacts(
+        job_id=job.id,
+        base_model=job.base_model,
+        dataset={
+            "filename": dataset.filename,
+            "sha256": dataset.sha256,
+            "examples": dataset.examples,
+            "format": dataset.format,
+            "shape": dataset.shape,
+        },
+        validation=_validation_text(inputs),
+        hyperparameters=inputs.hyperparameters.model_dump(),
+        training=state.training,
+        metrics=state.metrics,
+        samples=state.samples,
+        suffix=job.suffix,
+    )
+    (package / "README.md").write_text(artifacts.render_model_card(facts), encoding="utf-8")
+    artifacts.write_manifest(package)
+
+
+def _validation_text(inputs: JobInputs) -> str:
+    if inputs.validation is not None:
+        return f"dataset `{inputs.validation.filename}` (sha256 `{inputs.validation.sha256}`)"
+    split = inputs.job.validation_split
+    if split > 0:
+        seed = inputs.hyperparameters.seed
+        return f"{split:.0%} of the training examples, held out with seed {seed}"
+    return "none (validation_split 0): no evaluation"
+
+
+def _job_document(job_id: str, state: RunState, finished_at: datetime) -> dict[str, Any]:
+    """The job object as it reads once succeeded. Its `artifact` has the URL but no size or
+    hash: a file cannot contain the hash of the archive it is inside."""
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        columns = {c.key: getattr(job, c.key) for c in orm_inspect(Job).mapper.column_attrs}
+    snapshot = SimpleNamespace(
+        **{
+            **columns,
+            "status": jobs.SUCCEEDED,
+            "metrics": state.metrics,
+            "progress": state.progress,
+            "finished_at": finished_at,
+        }
+    )
+    document = JobRead.from_row(snapshot).model_dump(mode="json")
+    document["artifact"] = {"url": f"/jobs/{job_id}/artifact", "bytes": None, "sha256": None}
+    document["samples"] = state.samples
+    return document
+
+
+def _metric_rows(job_id: str) -> list[dict[str, Any]]:
+    with session_scope() as session:
+        rows = session.scalars(
+            select(JobMetric).where(JobMetric.job_id == job_id).order_by(JobMetric.seq)
+        ).all()
+        return [JobMetricRead.model_validate(row).model_dump(mode="json") for row in rows]

@@ -1,0 +1,392 @@
+"""The model side of a job: load the base model, configure `Trainer`, report from inside it.
+
+Base models are untrusted input: no remote code, safetensors weights only. `JobCallback` is the
+job's eyes and hands inside the training loop (heartbeat, progress, metric rows, cancel); more
+callbacks (checkpoints) plug in beside it through `build_trainer(callbacks=...)`.
+"""
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from sqlalchemy.orm import Session
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PrinterCallback,
+    Trainer,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+    default_data_collator,
+)
+
+from shared.models import JobMetric
+from shared.schemas import Hyperparameters
+from shared.settings import Settings
+from worker.data import PackedBlocks
+from worker.errors import JobFailure
+from worker.lease import Lease
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_NEW_TOKENS = 48  # greedy tokens generated per eval prompt, before and after training
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@dataclass
+class BaseModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    source: str  # the local folder or the Hub id it was loaded from
+    max_positions: int | None
+
+
+def finite(value: Any) -> float | None:
+    """A float the JSON columns can hold: NaN and infinity become None."""
+    if value is None:
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def perplexity(loss: float | None) -> float | None:
+    if loss is None:
+        return None
+    try:
+        return finite(math.exp(loss))
+    except OverflowError:
+        return None
+
+
+# ---- Loading the base model ----
+
+
+def resolve_base_model(name: str, settings: Settings) -> tuple[str, bool]:
+    """(folder or Hub id, is_local) for a job's `base_model`."""
+    models_dir = settings.resolved_models_dir
+    folder = (models_dir / name).resolve()
+    # `name` was checked against a strict pattern by the API; stay inside the models dir anyway.
+    if folder.is_relative_to(models_dir) and (folder / "config.json").is_file():
+        return str(folder), True
+    if name in settings.allowed_base_models:
+        return name, False
+    raise JobFailure(
+        "base_model_not_found",
+        f"base model {name!r} is neither in the models directory nor an allowed Hub id",
+        user_error=True,
+    )
+
+
+def check_local_weights(folder: Path, name: str) -> None:
+    """Refuse a folder without safetensors weights before anything unpickles a file."""
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.name.endswith(_PICKLE_SUFFIXES))
+    if pickles:
+        raise JobFailure(
+            "unsafe_model_weights",
+            f"base model {name!r} has only pickle weights ({', '.join(pickles[:3])}); Tunery "
+            "loads safetensors only, convert the model to model.safetensors",
+            user_error=True,
+        )
+    raise JobFailure(
+        "base_model_invalid", f"base model {name!r} has no model weights", user_error=True
+    )
+
+
+def _max_positions(config: Any) -> int | None:
+    value = getattr(config, "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def load_base_model(name: str, settings: Settings, *, block_size: int) -> BaseModel:
+    """Load tokenizer and model in fp32 (mixed precision happens in Trainer) with SDPA."""
+    source, is_local = resolve_base_model(name, settings)
+    if is_local:
+        check_local_weights(Path(source), name)
+    safe = {"trust_remote_code": False}
+    try:
+        config = AutoConfig.from_pretrained(source, **safe)
+        max_positions = _max_positions(config)
+        # Checked before the weights load: a wrong block size should fail in seconds.
+        if max_positions is not None and block_size > max_positions:
+            raise JobFailure(
+                "block_size_too_large",
+                f"block_size {block_size} exceeds the {max_positions} positions of base model "
+                f"{name!r}; use block_size <= {max_positions}",
+                user_error=True,
+            )
+        tokenizer = AutoTokenizer.from_pretrained(source, **safe)
+        model = AutoModelForCausalLM.from_pretrained(
+            source,
+            config=config,
+            dtype=torch.float32,
+            attn_implementation="sdpa",
+            use_safetensors=True,
+            **safe,
+        )
+    except OSError as exc:
+        # The Hub path: unreachable, unknown id, gated, or no safetensors in the repository.
+        where = "its folder" if is_local else "the Hugging Face Hub or the local cache"
+        raise JobFailure(
+            "base_model_unavailable",
+            f"base model {name!r} could not be loaded from {where}: {_first_line(exc)}",
+            user_error=False,
+        ) from exc
+    except ValueError as exc:  # unknown architecture, remote code required, no SDPA support
+        raise JobFailure(
+            "base_model_invalid",
+            f"base model {name!r} cannot be fine-tuned: {_first_line(exc)}",
+            user_error=True,
+        ) from exc
+    if tokenizer.pad_token is None:
+        # Causal LMs often ship without a pad token; blocks are never padded, so EOS is safe.
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return BaseModel(model, tokenizer, source, max_positions)
+
+
+def _first_line(exc: BaseException) -> str:
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), repr(exc))
+
+
+# ---- Trainer ----
+
+
+def use_bf16() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def describe_device() -> dict[str, Any]:
+    if torch.cuda.is_available():
+        return {
+            "device": "cuda",
+            "name": torch.cuda.get_device_name(),
+            "precision": "bf16" if use_bf16() else "fp32",
+        }
+    return {"device": "cpu", "precision": "fp32"}
+
+
+def logging_steps(total_steps: int) -> int:
+    """About fifty metric rows per job, and one per step for tiny jobs."""
+    return max(1, total_steps // 50)
+
+
+def training_arguments(
+    hp: Hyperparameters, output_dir: Path, total_steps: int
+) -> TrainingArguments:
+    cuda = torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        num_train_epochs=hp.epochs,
+        max_steps=hp.max_steps or -1,
+        learning_rate=hp.learning_rate,
+        per_device_train_batch_size=hp.batch_size,
+        per_device_eval_batch_size=hp.batch_size,
+        gradient_accumulation_steps=hp.gradient_accumulation_steps,
+        warmup_steps=hp.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        weight_decay=hp.weight_decay,
+        lr_scheduler_type=hp.lr_scheduler,
+        seed=hp.seed,
+        data_seed=hp.seed,
+        bf16=use_bf16(),
+        use_cpu=not cuda,
+        logging_strategy="steps",
+        logging_steps=logging_steps(total_steps),
+        logging_first_step=True,
+        # Trainer's NaN filter reads every step's loss on the host; we report NaN as it is.
+        logging_nan_inf_filter=False,
+        eval_strategy="no",  # the pipeline evaluates before and after training itself
+        save_strategy="no",  # checkpoints come from their own callback
+        prediction_loss_only=True,  # never gather logits: vocab x tokens would fill memory
+        report_to="none",
+        disable_tqdm=True,
+        # The blocks are tensors in memory: worker processes would only add start-up time.
+        dataloader_num_workers=0,
+        dataloader_pin_memory=cuda,
+    )
+
+
+def build_trainer(
+    model: PreTrainedModel,
+    args: TrainingArguments,
+    train: PackedBlocks,
+    evaluation: PackedBlocks | None,
+    callbacks: list[TrainerCallback],
+) -> Trainer:
+    trainer = Trainer(
+        model=model,
+        args=args,
+        # All blocks have the same length: stacking is all a batch needs (no padding collator).
+        data_collator=default_data_collator,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        callbacks=callbacks,
+    )
+    # With tqdm off, Trainer prints every log dict to stdout; JobCallback reports instead.
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+def evaluate_loss(trainer: Trainer, dataset: PackedBlocks | None) -> float | None:
+    if dataset is None:
+        return None
+    return finite(trainer.evaluate(eval_dataset=dataset)["eval_loss"])
+
+
+class JobCallback(TrainerCallback):
+    """Heartbeat, progress, metric rows and cancellation for the job being trained.
+
+    It reads values Trainer already has on the host (step, epoch, the logged loss), so it adds
+    no device sync; the database is touched at logging steps and otherwise at most every
+    `Lease.heartbeat_interval_s` (heartbeat) and `Lease.poll_interval_s` (cancel flag).
+    """
+
+    def __init__(self, lease: Lease, tokens_per_step: int) -> None:
+        self.lease = lease
+        self.tokens_per_step = tokens_per_step
+        self.total_steps: int | None = None
+        self.last_progress: dict[str, Any] = {}
+        self._rate_at = (time.monotonic(), 0)
+        self._tokens_per_second: float | None = None
+        self._seconds_per_step: float | None = None
+
+    def progress(self, state: TrainerState) -> dict[str, Any]:
+        now, step = time.monotonic(), state.global_step
+        since, since_step = self._rate_at
+        if step > since_step and now > since:
+            self._seconds_per_step = (now - since) / (step - since_step)
+            self._tokens_per_second = self.tokens_per_step / self._seconds_per_step
+            self._rate_at = (now, step)
+        total = self.total_steps or state.max_steps or None
+        remaining = max((total or step) - step, 0)
+        eta = remaining * self._seconds_per_step if self._seconds_per_step is not None else None
+        self.last_progress = {
+            "step": step,
+            "total_steps": total,
+            "epoch": float(state.epoch or 0.0),
+            "fraction": min(step / total, 1.0) if total else 0.0,
+            "tokens_per_second": self._tokens_per_second,
+            "eta_seconds": eta,
+        }
+        return self.last_progress
+
+    def _stop(self, control: TrainerControl) -> TrainerControl:
+        # Stop after this optimizer step, and make sure Trainer neither logs, evaluates nor
+        # saves on its way out.
+        control.should_training_stop = True
+        control.should_log = control.should_evaluate = control.should_save = False
+        return control
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
+    ) -> None:
+        self.total_steps = state.max_steps
+        self._rate_at = (time.monotonic(), state.global_step)
+        self.lease.beat(self.progress(state), force=True)
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
+    ) -> TrainerControl:
+        self.lease.poll()
+        if not self.lease.should_stop:
+            self.lease.beat(self.progress(state))
+        if self.lease.should_stop:
+            return self._stop(control)
+        return control
+
+    def on_substep_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
+    ) -> None:
+        # Long gradient accumulation: keep the lease fresh between optimizer steps.
+        if not self.lease.should_stop:
+            self.lease.beat()
+
+    def on_prediction_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
+    ) -> None:
+        # Evaluation has no stop flag: raising is the only way out of a long one.
+        self.lease.poll()
+        if not self.lease.should_stop:
+            self.lease.beat()
+        self.lease.raise_if_stopped()
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **_: Any,
+    ) -> TrainerControl:
+        # Only training logs become rows here; evaluations are recorded by the pipeline.
+        if not logs or "loss" not in logs or self.lease.should_stop:
+            return control
+        progress = self.progress(state)
+        row = JobMetric(
+            job_id=self.lease.job_id,
+            step=state.global_step,
+            epoch=finite(state.epoch),
+            train_loss=finite(logs.get("loss")),
+            learning_rate=finite(logs.get("learning_rate")),
+            grad_norm=finite(logs.get("grad_norm")),
+            tokens_per_second=finite(progress["tokens_per_second"]),
+        )
+
+        def add(session: Session) -> None:
+            session.add(row)
+
+        if not self.lease.write(add, values={"progress": progress}, skip_on_outage=True):
+            return self._stop(control)
+        return control
+
+
+# ---- Samples ----
+
+
+@torch.inference_mode()
+def generate_samples(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    *,
+    max_positions: int | None,
+    on_progress: Callable[[], object] | None = None,
+) -> list[dict[str, str]]:
+    """Greedy continuations of each prompt, one prompt at a time (no padding to get wrong)."""
+    if not prompts:
+        return []
+    was_training = model.training
+    model.eval()
+    samples = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        if max_positions is not None:  # keep the end of a long prompt, leave room to answer
+            ids = ids[:, -max(1, max_positions - SAMPLE_NEW_TOKENS) :]
+        ids = ids.to(model.device)
+        output = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=SAMPLE_NEW_TOKENS,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        completion = tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True)
+        samples.append({"prompt": prompt, "completion": completion})
+        if on_progress is not None:
+            on_progress()
+    model.train(was_training)
+    return samples
