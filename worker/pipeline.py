@@ -128,7 +128,8 @@ def load_inputs(job_id: str, attempt: int) -> JobInputs:
         validation = (
             session.get(Dataset, job.validation_dataset_id) if job.validation_dataset_id else None
         )
-    if dataset is None or (job.validation_dataset_id and validation is None):
+    deleted = [d for d in (dataset, validation) if d is not None and d.deleted_at is not None]
+    if dataset is None or (job.validation_dataset_id and validation is None) or deleted:
         raise JobFailure("dataset_not_found", "the job's dataset was deleted", user_error=True)
     if job.method != "full":
         raise JobFailure(
