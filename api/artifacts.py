@@ -7,11 +7,11 @@ from fastapi.responses import FileResponse
 from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
 
 from api.deps import JobDep
-from api.errors import APIError
+from api.errors import RESOURCE_ERRORS, APIError, documented
 from shared import storage
 from shared.jobs import SUCCEEDED
 
-router = APIRouter(prefix="/jobs", tags=["jobs"])
+router = APIRouter(prefix="/jobs", tags=["jobs"], responses=RESOURCE_ERRORS)
 
 
 def _check_range(range_header: str, size: int) -> None:
@@ -33,7 +33,11 @@ def _check_range(range_header: str, size: int) -> None:
 @router.get(
     "/{job_id}/artifact",
     response_class=FileResponse,
-    responses={200: {"content": {"application/gzip": {}}}, 206: {"description": "A range."}},
+    responses={
+        200: {"content": {"application/gzip": {}}},
+        206: {"description": "A range.", "content": {"application/gzip": {}}},
+        **documented(400, 409, 416),
+    },
 )
 def download_artifact(
     job: JobDep, range_header: Annotated[str | None, Header(alias="Range")] = None

@@ -27,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from api.deps import DatasetDep, PrincipalDep, SessionDep
-from api.errors import APIError, not_found
+from api.errors import RESOURCE_ERRORS, APIError, not_found
 from api.pagination import list_of, newest_first
 from shared import storage
 from shared.dataset_formats import FORMATS, DatasetError, DatasetSummary, DatasetValidator
@@ -38,7 +38,7 @@ from shared.schemas import DatasetRead, ErrorRead, ListRead
 from shared.settings import get_settings
 from shared.storage import dataset_key
 
-router = APIRouter(prefix="/datasets", tags=["datasets"])
+router = APIRouter(prefix="/datasets", tags=["datasets"], responses=RESOURCE_ERRORS)
 logger = logging.getLogger(__name__)
 
 Limit = Annotated[int, Query(ge=1, le=100)]

@@ -9,7 +9,18 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from shared.schemas import ErrorRead
+
 logger = logging.getLogger(__name__)
+
+
+def documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for error statuses, all with the contract's shape (FastAPI's own 422
+    schema is replaced, since our handler answers validation errors in this shape too)."""
+    return {status: {"model": ErrorRead, "description": "An error."} for status in statuses}
+
+
+RESOURCE_ERRORS = documented(400, 401, 404, 422, 503)
 
 _TYPE_BY_STATUS = {
     400: "invalid_request_error",
@@ -109,7 +120,7 @@ async def _validation_error(_request: Request, error: RequestValidationError) ->
 
 
 async def _http_error(_request: Request, error: StarletteHTTPException) -> JSONResponse:
-    codes = {404: "not_found", 405: "method_not_allowed"}
+    codes = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}
     message = "no such route" if error.status_code == 404 else str(error.detail)
     return error_response(
         error.status_code,

@@ -7,7 +7,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_
 from sqlalchemy import text
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import error_response
+from api.errors import documented, error_response
 from shared.db import get_engine
 from shared.queue import broker_reachable
 
@@ -27,7 +27,7 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", response_model=None)
+@router.get("/readyz", response_model=None, responses=documented(503))
 def readyz() -> dict[str, str] | Response:
     """The database and the broker are reachable."""
     try:

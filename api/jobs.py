@@ -11,7 +11,7 @@ from sqlalchemy.exc import IntegrityError
 
 from api.base_models import local_config, max_positions
 from api.deps import JobDep, PrincipalDep, SessionDep, owned_dataset
-from api.errors import APIError
+from api.errors import RESOURCE_ERRORS, APIError, documented
 from api.pagination import list_of, newest_first
 from shared import jobs as job_states
 from shared.models import Job, JobEvent, JobMetric
@@ -27,7 +27,7 @@ from shared.schemas import (
 )
 from shared.settings import get_settings
 
-router = APIRouter(prefix="/jobs", tags=["jobs"])
+router = APIRouter(prefix="/jobs", tags=["jobs"], responses=RESOURCE_ERRORS)
 logger = logging.getLogger(__name__)
 
 Limit = Annotated[int, Query(ge=1, le=100)]
@@ -83,7 +83,7 @@ def _replay(session: SessionDep, principal: PrincipalDep, key: str, digest: str)
     return job
 
 
-@router.post("", status_code=201)
+@router.post("", status_code=201, responses=documented(409))
 def create_job(
     body: JobCreate,
     session: SessionDep,
@@ -163,7 +163,7 @@ def get_job(job: JobDep) -> JobRead:
     return JobRead.from_row(job)
 
 
-@router.post("/{job_id}/cancel")
+@router.post("/{job_id}/cancel", responses=documented(409))
 def cancel_job(job: JobDep, session: SessionDep) -> JobRead:
     """Cancel a job: a queued one at once, a running one within one optimizer step."""
     try:
