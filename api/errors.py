@@ -83,7 +83,13 @@ def error_response(
 
 def _param_from_location(location: tuple[Any, ...]) -> str | None:
     # ("body", "hyperparameters", "epochs") -> "hyperparameters.epochs"
-    parts = [str(part) for part in location if part not in ("body", "query", "path", "header")]
+    # Union branches add tags such as "constrained-float" or "literal['auto']": not fields.
+    parts = [
+        str(part)
+        for part in location
+        if part not in ("body", "query", "path", "header")
+        and (isinstance(part, int) or str(part).isidentifier())
+    ]
     return ".".join(parts) or None
 
 

@@ -13,6 +13,7 @@ from api.base_models import local_config, max_positions
 from api.deps import JobDep, PrincipalDep, SessionDep, owned_dataset
 from api.errors import RESOURCE_ERRORS, APIError, documented
 from api.pagination import list_of, newest_first
+from shared import checkpoints
 from shared import jobs as job_states
 from shared.models import Job, JobEvent, JobMetric
 from shared.queue import send_train
@@ -108,6 +109,10 @@ def create_job(
         hyperparameters=body.hyperparameters.model_dump(mode="json"),
         lora=body.lora.model_dump(mode="json") if body.lora else None,
         eval_prompts=body.eval_prompts,
+        eval_max_new_tokens=body.eval_max_new_tokens,
+        truncation=body.truncation,
+        dry_run=body.dry_run,
+        samples=[],
         suffix=body.suffix,
         metadata_=body.metadata,
         progress=Progress(total_steps=body.hyperparameters.max_steps).model_dump(),
@@ -172,6 +177,9 @@ def cancel_job(job: JobDep, session: SessionDep) -> JobRead:
         raise APIError(409, "job_finished", f"the job has already {finished.status}") from None
     session.commit()
     session.refresh(job)
+    if job.status == job_states.CANCELLED:
+        # A queued job that a worker handed back may hold checkpoints nobody will resume now.
+        checkpoints.delete_all(job.id)
     return JobRead.from_row(job)
 
 

@@ -100,6 +100,9 @@ class Job(Base):
     hyperparameters: Mapped[dict[str, Any]]
     lora: Mapped[dict[str, Any] | None]
     eval_prompts: Mapped[list[Any]]
+    eval_max_new_tokens: Mapped[int] = mapped_column(Integer, default=64)
+    truncation: Mapped[str] = mapped_column(String(10), default="truncate")
+    dry_run: Mapped[bool] = mapped_column(Boolean, default=False)
     suffix: Mapped[str | None] = mapped_column(String(64))
     # `metadata` is reserved on declarative classes, hence the attribute name.
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSON)
@@ -108,6 +111,8 @@ class Job(Base):
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     resumed_from_step: Mapped[int | None] = mapped_column(Integer)
     error: Mapped[dict[str, Any] | None]
+    plan: Mapped[dict[str, Any] | None]
+    samples: Mapped[list[Any]] = mapped_column(JSON, default=list)
     artifact_bytes: Mapped[int | None] = mapped_column(BigInteger)
     artifact_sha256: Mapped[str | None] = mapped_column(String(64))
     idempotency_key: Mapped[str | None] = mapped_column(String(255))

@@ -49,9 +49,15 @@ class Hyperparameters(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    epochs: float = Field(default=3, gt=0, le=100, description="Passes over the training set.")
-    learning_rate: float = Field(default=5e-5, gt=0, le=1, description="Peak learning rate.")
-    batch_size: int = Field(default=8, ge=1, le=1024, description="Blocks per device step.")
+    epochs: Annotated[float, Field(gt=0, le=100)] | Literal["auto"] = Field(
+        default=3.0, description="Passes over the training set, or `auto`."
+    )
+    learning_rate: Annotated[float, Field(gt=0, le=1)] | Literal["auto"] = Field(
+        default=5e-5, description="Peak learning rate, or `auto`."
+    )
+    batch_size: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = Field(
+        default=8, description="Blocks per device step, or `auto`."
+    )
     gradient_accumulation_steps: int = Field(
         default=1, ge=1, le=1024, description="Steps summed into one optimizer step."
     )
@@ -104,6 +110,18 @@ class JobCreate(BaseModel):
     eval_prompts: list[Annotated[str, Field(min_length=1, max_length=2000)]] = Field(
         default_factory=list, max_length=20, description="Prompts sampled before and after."
     )
+    eval_max_new_tokens: int = Field(
+        default=64, ge=1, le=1024, description="Tokens generated greedily per eval prompt."
+    )
+    truncation: Literal["truncate", "drop"] = Field(
+        default="truncate",
+        description="What to do with a prompt/completion or chat example longer than "
+        "block_size: cut it to block_size, or leave it out. Either way it is counted.",
+    )
+    dry_run: bool = Field(
+        default=False,
+        description="Only tokenize and plan: report counts, steps and memory, train nothing.",
+    )
     suffix: str | None = Field(
         default=None, pattern=r"^[a-z0-9][a-z0-9-]{0,39}$", description="A short model label."
     )
@@ -137,6 +155,12 @@ class JobMetrics(BaseModel):
     baseline_eval_perplexity: float | None = None
 
 
+class Sample(BaseModel):
+    prompt: str
+    base: str
+    tuned: str | None = None
+
+
 class JobError(BaseModel):
     code: str
     message: str
@@ -162,12 +186,20 @@ class JobRead(BaseModel):
     hyperparameters: Hyperparameters
     lora: LoraConfig | None
     eval_prompts: list[str]
+    eval_max_new_tokens: int
+    truncation: Literal["truncate", "drop"]
+    dry_run: bool
     progress: Progress
     metrics: JobMetrics
     attempt: int
     resumed_from_step: int | None
     error: JobError | None
     artifact: ArtifactRead | None
+    plan: dict[str, Any] | None = Field(
+        description="What the job does with its data (a dry run's answer): examples, tokens, "
+        "blocks, truncated and dropped examples, trainable tokens, steps, memory estimate."
+    )
+    samples: list[Sample]
     suffix: str | None
     metadata: dict[str, str]
     created_at: Timestamp
@@ -193,12 +225,17 @@ class JobRead(BaseModel):
             hyperparameters=job.hyperparameters,
             lora=job.lora,
             eval_prompts=job.eval_prompts,
+            eval_max_new_tokens=job.eval_max_new_tokens,
+            truncation=job.truncation,
+            dry_run=job.dry_run,
             progress=job.progress,
             metrics=job.metrics,
             attempt=job.attempt,
             resumed_from_step=job.resumed_from_step,
             error=job.error,
             artifact=artifact,
+            plan=job.plan,
+            samples=job.samples,
             suffix=job.suffix,
             metadata=job.metadata_,
             created_at=job.created_at,
@@ -242,3 +279,15 @@ class ErrorDetail(BaseModel):
 
 class ErrorRead(BaseModel):
     error: ErrorDetail
+
+
+class CheckpointRead(BaseModel):
+    """A complete checkpoint a job holds now; a re-claimed job resumes from the newest."""
+
+    object: Literal["job.checkpoint"] = "job.checkpoint"
+    step: int
+    created_at: Timestamp
+    metrics: dict[str, float | None] = Field(
+        description="At that step: train_loss (mean over the last logging window), "
+        "learning_rate and epoch."
+    )
