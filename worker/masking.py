@@ -1,0 +1,213 @@
+"""Tokenize one example into input ids and labels, with -100 on every token the loss skips.
+
+The most common fine-tuning bugs live here (prompts trained on, only the last assistant turn
+trained), so the rules are few and exact:
+
+- `text`: every token of the line and an appended EOS is trained.
+- `prompt_completion`: the prompt and the completion are tokenized *separately* and the ids
+  concatenated, then EOS appended. The prompt tokens get -100; the completion tokens and EOS are
+  trained. Separate tokenization makes the boundary exact (no BPE merge can straddle it) and is
+  what inference sees: the prompt is tokenized alone and the model generates the completion ids.
+- `messages`: the conversation is rendered with the tokenizer's chat template, or, when it has
+  none, with `DEFAULT_CHAT_TEMPLATE`, turn after turn with nothing in between:
+
+      system, user:  "<|{role}|>\\n{content}\\n"
+      assistant:     "<|assistant|>\\n{content}" + eos_token
+      generation prompt (inference): "<|assistant|>\\n"
+
+  The trained text of assistant turn i is exactly what the template adds *after the generation
+  prompt*: the characters between render(messages[:i], add_generation_prompt=True) and
+  render(messages[:i+1]). With the default template that is the content and EOS; with a ChatML
+  template it is the content, `<|im_end|>` and the newline after it. Every assistant turn is
+  trained; system and user turns and the role headers never are. The whole rendering is then
+  tokenized once (`add_special_tokens=False`: templates write their own BOS), and a token is
+  trained when its character span overlaps a trained span (HF's `{% generation %}` rule, so a
+  token straddling a boundary is trained). Templates that re-render earlier turns differently
+  once later turns exist (prefix-unstable) are refused with a clear error instead of guessed.
+
+In every case BOS is not added (the seed pipeline never adds special tokens either).
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+from transformers.utils.chat_template_utils import render_jinja_template
+
+from worker.errors import JobFailure
+
+IGNORE_INDEX = -100  # the label PyTorch's cross entropy and transformers' losses skip
+
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\\n' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ '\\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+
+
+@dataclass
+class TokenizedExample:
+    """One example: token ids and labels of the same length (labels are -100 where untrained)."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def trainable(self) -> int:
+        return sum(1 for label in self.labels if label != IGNORE_INDEX)
+
+
+def eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    if tokenizer.eos_token_id is None:
+        raise JobFailure(
+            "base_model_invalid",
+            "the base model's tokenizer has no end-of-sequence token",
+            user_error=True,
+        )
+    return int(tokenizer.eos_token_id)
+
+
+def chat_template_of(tokenizer: PreTrainedTokenizerBase) -> str:
+    """The template `messages` datasets are rendered with: the tokenizer's, else the default."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.get_chat_template()  # picks "default" when there are named templates
+    return DEFAULT_CHAT_TEMPLATE
+
+
+def _render(
+    tokenizer: PreTrainedTokenizerBase, template: str, messages: list[dict[str, Any]], gen: bool
+) -> str:
+    try:
+        if not messages:
+            # apply_chat_template refuses an empty conversation, but the prompt before an
+            # opening assistant turn is exactly that; render it the way it would.
+            rendered, _ = render_jinja_template(
+                conversations=[[]],
+                chat_template=template,
+                add_generation_prompt=gen,
+                **tokenizer.special_tokens_map,
+            )
+            return rendered[0]
+        text = tokenizer.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=gen
+        )
+    except Exception as exc:  # Jinja errors, raise_exception() in templates (role order, ...)
+        raise JobFailure(
+            "chat_template_failed",
+            f"the chat template could not render a conversation: {exc}",
+            user_error=True,
+        ) from exc
+    assert isinstance(text, str)
+    return text
+
+
+def render_conversation(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]]
+) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the [start, end) character spans of its assistant turns."""
+    template = chat_template_of(tokenizer)
+    full = _render(tokenizer, template, messages, gen=False)
+    spans: list[tuple[int, int]] = []
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = _render(tokenizer, template, messages[:index], gen=True)
+        turn = _render(tokenizer, template, messages[: index + 1], gen=False)
+        if not (turn.startswith(prompt) and full.startswith(turn)):
+            raise JobFailure(
+                "chat_template_unsupported",
+                f"the chat template renders assistant turn {index + 1} differently once later "
+                "turns follow, so its trained tokens cannot be located exactly",
+                user_error=True,
+            )
+        if len(turn) > len(prompt):
+            spans.append((len(prompt), len(turn)))
+    return full, spans
+
+
+def _labels_from_spans(
+    ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]
+) -> list[int]:
+    """Labels for a rendering: a token is trained when its character span overlaps a trained
+    span (a zero-width token counts as the character it sits on). Spans are sorted and disjoint,
+    so one forward pointer over them is enough."""
+    labels = []
+    current = 0
+    for token, (start, end) in zip(ids, offsets, strict=True):
+        while current < len(spans) and spans[current][1] <= start:
+            current += 1
+        inside = current < len(spans) and spans[current][0] < max(end, start + 1)
+        labels.append(token if inside else IGNORE_INDEX)
+    return labels
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], **kwargs: Any) -> Any:
+    return tokenizer(
+        texts, add_special_tokens=False, return_attention_mask=False, verbose=False, **kwargs
+    )
+
+
+def tokenize_examples(
+    tokenizer: PreTrainedTokenizerBase, records: Sequence[Any], shape: str
+) -> list[TokenizedExample]:
+    """Tokenize and mask a batch of examples (one tokenizer call per field, for speed)."""
+    eos = eos_id(tokenizer)
+    if shape == "text":
+        texts = [record if isinstance(record, str) else record["text"] for record in records]
+        encoded = _encode(tokenizer, texts)["input_ids"]
+        return [TokenizedExample(ids + [eos], ids + [eos]) for ids in encoded]
+    if shape == "prompt_completion":
+        prompts = _encode(tokenizer, [record["prompt"] for record in records])["input_ids"]
+        answers = _encode(tokenizer, [record["completion"] for record in records])["input_ids"]
+        return [
+            TokenizedExample(p + a + [eos], [IGNORE_INDEX] * len(p) + a + [eos])
+            for p, a in zip(prompts, answers, strict=True)
+        ]
+    if shape == "messages":
+        if not tokenizer.is_fast:
+            raise JobFailure(
+                "base_model_invalid",
+                "chat datasets need a fast (Rust) tokenizer for exact loss masks",
+                user_error=True,
+            )
+        rendered = [render_conversation(tokenizer, record["messages"]) for record in records]
+        encoded = _encode(tokenizer, [text for text, _ in rendered], return_offsets_mapping=True)
+        return [
+            TokenizedExample(ids, _labels_from_spans(ids, offsets, spans))
+            for ids, offsets, (_, spans) in zip(
+                encoded["input_ids"], encoded["offset_mapping"], rendered, strict=True
+            )
+        ]
+    raise JobFailure("invalid_dataset", f"unknown dataset shape {shape!r}", user_error=True)
+
+
+def tokenize_example(
+    tokenizer: PreTrainedTokenizerBase, record: Any, shape: str
+) -> TokenizedExample:
+    """One example's ids and labels; see the module docstring for the exact rules."""
+    return tokenize_examples(tokenizer, [record], shape)[0]
+
+
+def render_marked(
+    tokenizer: PreTrainedTokenizerBase,
+    example: TokenizedExample,
+    open_mark: str = "«",
+    close_mark: str = "»",
+) -> str:
+    """The example as text with every trained run of tokens wrapped in «…», for the dry run."""
+    parts: list[str] = []
+    run: list[int] = []
+    trained = False
+    for token, label in [*zip(example.input_ids, example.labels, strict=True), (None, None)]:
+        is_trained = label is not None and label != IGNORE_INDEX
+        if token is None or (run and is_trained != trained):
+            text = tokenizer.decode(run, skip_special_tokens=False)
+            parts.append(f"{open_mark}{text}{close_mark}" if trained and run else text)
+            run = []
+        if token is not None:
+            run.append(token)
+            trained = is_trained
+    return "".join(parts)
