@@ -11,6 +11,7 @@ import math
 import random
 from array import array
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -120,32 +121,77 @@ class PackedBlocks(TorchDataset):
         return self.blocks.numel()
 
 
-class _TokenStream:
-    """Token ids of many examples, each followed by EOS, concatenated."""
+def _batch_encoder(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[str]], list[list[int]]]:
+    """A function from texts to their token ids (no special tokens).
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, eos_id: int) -> None:
-        self.tokenizer = tokenizer
+    For a fast tokenizer this calls the Rust backend's `encode_batch_fast` directly: the same
+    ids as `tokenizer(texts)`, without the offsets and the per-example Python dicts that
+    `BatchEncoding` builds, and with the GIL released while Rust works. One ordinary call first
+    puts the backend in the state `tokenizer(...)` uses (no truncation, no padding, its special
+    token handling).
+    """
+    backend = getattr(tokenizer, "_tokenizer", None)
+    tokenizer([""], add_special_tokens=False, return_attention_mask=False, verbose=False)
+    if backend is not None and hasattr(backend, "encode_batch_fast"):
+
+        def encode_fast(texts: list[str]) -> list[list[int]]:
+            return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+
+        return encode_fast
+
+    def encode(texts: list[str]) -> list[list[int]]:
+        return tokenizer(
+            texts, add_special_tokens=False, return_attention_mask=False, verbose=False
+        )["input_ids"]
+
+    return encode
+
+
+class _TokenStream:
+    """Token ids of many examples, each followed by EOS, concatenated.
+
+    A full batch is tokenized on `executor`'s thread while the caller reads the next one; at
+    most one batch per stream is in flight, so memory stays bounded.
+    """
+
+    def __init__(
+        self,
+        encode: Callable[[list[str]], list[list[int]]],
+        eos_id: int,
+        executor: ThreadPoolExecutor,
+    ) -> None:
+        self.encode = encode
         self.eos_id = eos_id
+        self.executor = executor
         self.ids = array("i")
         self.examples = 0
         self._pending: list[str] = []
+        self._in_flight: Future[list[list[int]]] | None = None
 
     def add(self, text: str) -> None:
         self._pending.append(text)
         if len(self._pending) >= TOKENIZE_BATCH:
-            self.flush()
+            self._submit()
+
+    def _submit(self) -> None:
+        batch, self._pending = self._pending, []
+        self._collect()
+        self._in_flight = self.executor.submit(self.encode, batch)
+        self.examples += len(batch)
+
+    def _collect(self) -> None:
+        if self._in_flight is None:
+            return
+        encoded, self._in_flight = self._in_flight.result(), None
+        ids, eos = self.ids, self.eos_id
+        for example in encoded:
+            ids.extend(example)
+            ids.append(eos)
 
     def flush(self) -> None:
-        if not self._pending:
-            return
-        encoded = self.tokenizer(
-            self._pending, add_special_tokens=False, return_attention_mask=False, verbose=False
-        )["input_ids"]
-        for ids in encoded:
-            self.ids.extend(ids)
-            self.ids.append(self.eos_id)
-        self.examples += len(self._pending)
-        self._pending = []
+        if self._pending:
+            self._submit()
+        self._collect()
 
     def blocks(self, block_size: int) -> torch.Tensor:
         """The stream cut into full blocks, the tail dropped: shape (n_blocks, block_size)."""
@@ -197,23 +243,15 @@ def prepare_data(
             "the base model's tokenizer has no end-of-sequence token",
             user_error=True,
         )
-    train = _TokenStream(tokenizer, eos_id)
-    held_out = _TokenStream(tokenizer, eos_id)
-
-    if validation_dataset is not None:
-        mask = None
-        for index, text in enumerate(iter_examples(validation_dataset)):
-            held_out.add(text)
-            if index % TOKENIZE_BATCH == 0:
-                on_progress()
-    else:
-        mask = validation_mask(count_examples(train_dataset), validation_split, seed)
-    for index, text in enumerate(iter_examples(train_dataset)):
-        # The file cannot change under us (stored files are immutable), so index < len(mask).
-        stream = held_out if mask is not None and mask[index] else train
-        stream.add(text)
-        if index % TOKENIZE_BATCH == 0:
-            on_progress()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize") as executor:
+        encode = _batch_encoder(tokenizer)
+        train = _TokenStream(encode, eos_id, executor)
+        held_out = _TokenStream(encode, eos_id, executor)
+        _tokenize(
+            train, held_out, train_dataset, validation_dataset, validation_split, seed, on_progress
+        )
+        train.flush()
+        held_out.flush()
 
     train_blocks = train.blocks(block_size)
     if train_blocks.shape[0] == 0:
@@ -233,6 +271,33 @@ def prepare_data(
         eval_tokens_total=len(held_out.ids),
         eval_is_short_block=short,
     )
+
+
+def _tokenize(
+    train: _TokenStream,
+    held_out: _TokenStream,
+    train_dataset: Dataset,
+    validation_dataset: Dataset | None,
+    validation_split: float,
+    seed: int,
+    on_progress: Callable[[], None],
+) -> None:
+    """Feed every example to its stream: the validation dataset's to `held_out`, else a seeded
+    `validation_split` of the training examples."""
+    if validation_dataset is not None:
+        mask = None
+        for index, text in enumerate(iter_examples(validation_dataset)):
+            held_out.add(text)
+            if index % TOKENIZE_BATCH == 0:
+                on_progress()
+    else:
+        mask = validation_mask(count_examples(train_dataset), validation_split, seed)
+    for index, text in enumerate(iter_examples(train_dataset)):
+        # The file cannot change under us (stored files are immutable), so index < len(mask).
+        stream = held_out if mask is not None and mask[index] else train
+        stream.add(text)
+        if index % TOKENIZE_BATCH == 0:
+            on_progress()
 
 
 def _eval_blocks(held_out: _TokenStream, block_size: int) -> tuple[PackedBlocks | None, bool]:

@@ -1,0 +1,234 @@
+"""GPU hot path: train the GPT-2 124M architecture (random init, block 1024) through the service's
+trainer path and report tokens/s and MFU against the H200's dense bf16 peak.
+
+The service's path is used as a job uses it: the model is saved to a models folder and loaded
+with `worker.trainer.load_base_model`; `training_arguments` and `build_trainer` configure
+Trainer; `JobCallback` runs inside the loop (its lease is a stand-in without a database, so
+only the callback's own work is measured). The data are random token ids in `PackedBlocks`.
+
+FLOPs per token = 6 N + 12 L H Q T (N: parameters without the position embeddings; L layers,
+H heads, Q head size, T block size), as in PaLM appendix B and nanoGPT's `estimate_mfu`.
+Timing starts after `--warmup` steps (compile and allocator warm-up) and ends at the last step,
+with one device synchronisation at each end and none in between.
+
+    python benchmarks/gpu_mfu.py [--steps 150] [--batch-size 32] [--compile]
+    python benchmarks/gpu_mfu.py --smoke      # a tiny config for a few steps, CPU is fine
+"""
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from _common import median, print_header, print_table
+from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback
+
+from shared.schemas import Hyperparameters
+from shared.settings import Settings
+from tests.tiny_model import _train_tokenizer
+from worker.data import PackedBlocks
+from worker.trainer import (
+    JobCallback,
+    build_trainer,
+    describe_device,
+    load_base_model,
+    training_arguments,
+)
+
+H200_BF16_DENSE_TFLOPS = 989.0
+
+
+class StandInLease:
+    """What `JobCallback` asks of a lease, without a database: always owned, never cancelled."""
+
+    job_id = "job_bench"
+    attempt = 1
+    lost = False
+    cancel_requested = False
+    should_stop = False
+
+    def write(self, fn: Any = None, values: Any = None, **_: Any) -> bool:
+        return True
+
+    def beat(self, progress: Any = None, **_: Any) -> bool:
+        return True
+
+    def poll(self, **_: Any) -> None:
+        return None
+
+    def check(self) -> None:
+        return None
+
+    def raise_if_stopped(self) -> None:
+        return None
+
+    def event(self, *_: Any, **__: Any) -> None:
+        return None
+
+
+class Stopwatch(TrainerCallback):
+    """Host time at the end of step `first` and of step `last`, each after one device sync."""
+
+    def __init__(self, first: int, last: int) -> None:
+        self.first, self.last = first, last
+        self.marks: dict[int, float] = {}
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+        if state.global_step in (self.first, self.last):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.marks[state.global_step] = time.perf_counter()
+
+
+def flops_per_token(config: GPT2Config, block_size: int, parameters: int) -> float:
+    head = config.n_embd // config.n_head
+    non_position = parameters - config.n_positions * config.n_embd
+    return 6 * non_position + 12 * config.n_layer * config.n_head * head * block_size
+
+
+def build_model(folder: Path, args: argparse.Namespace) -> GPT2Config:
+    if args.smoke:
+        config = GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=args.block_size)
+    else:  # GPT-2 124M
+        config = GPT2Config(n_layer=12, n_head=12, n_embd=768, n_positions=1024)
+    tokenizer = _train_tokenizer()
+    config.vocab_size = args.vocab_size or (len(tokenizer) if args.smoke else 50257)
+    config.bos_token_id = config.eos_token_id = tokenizer.eos_token_id
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return config
+
+
+def run_once(args: argparse.Namespace, models: Path, config: GPT2Config) -> dict[str, Any]:
+    settings = Settings(models_dir=models, home=models.parent / "home")
+    base = load_base_model("gpt2-124m", settings, block_size=args.block_size)
+    extra = {"compile": True} if args.compile else {}
+    if extra and "compile" not in Hyperparameters.model_fields:
+        raise SystemExit("this trainer has no `compile` hyperparameter yet")
+    hp = Hyperparameters(
+        max_steps=args.steps,
+        batch_size=args.batch_size,
+        block_size=args.block_size,
+        learning_rate=6e-4,
+        **extra,
+    )
+    generator = torch.Generator().manual_seed(0)
+    blocks = torch.randint(
+        0,
+        config.vocab_size,
+        (args.steps * args.batch_size + args.batch_size, args.block_size),
+        dtype=torch.int32,
+        generator=generator,
+    )
+    tokens_per_step = args.batch_size * args.block_size
+    callback = JobCallback(StandInLease(), tokens_per_step)  # type: ignore[arg-type]
+    watch = Stopwatch(args.warmup, args.steps)
+    with tempfile.TemporaryDirectory() as output:
+        training_args = training_arguments(hp, Path(output), args.steps)
+        trainer = build_trainer(base.model, training_args, PackedBlocks(blocks), None, [callback])
+        trainer.add_callback(watch)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        trainer.train()
+    seconds = watch.marks[args.steps] - watch.marks[args.warmup]
+    tokens_per_second = tokens_per_step * (args.steps - args.warmup) / seconds
+    parameters = sum(p.numel() for p in base.model.parameters())
+    achieved = tokens_per_second * flops_per_token(config, args.block_size, parameters)
+    peak = args.peak_tflops * 1e12
+    return {
+        "tokens_per_second": tokens_per_second,
+        "tflops": achieved / 1e12,
+        "mfu": achieved / peak,
+        "parameters": parameters,
+        "bf16": training_args.bf16,
+        "optim": getattr(training_args.optim, "value", str(training_args.optim)),
+        "tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+        "torch_compile": bool(training_args.torch_compile),
+        "dataloader_workers": training_args.dataloader_num_workers,
+        "pin_memory": training_args.dataloader_pin_memory,
+        "peak_memory_gib": (
+            torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+        ),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--smoke", action="store_true", help="tiny config, few steps, any device")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--block-size", type=int, default=None)
+    parser.add_argument("--vocab-size", type=int, default=None, help="e.g. 50304 (padded)")
+    parser.add_argument("--compile", action="store_true", help="the `compile` hyperparameter")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--peak-tflops", type=float, default=H200_BF16_DENSE_TFLOPS)
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    smoke = args.smoke
+    args.steps = args.steps or (6 if smoke else 150)
+    args.warmup = args.warmup or (2 if smoke else 20)
+    args.batch_size = args.batch_size or (2 if smoke else 32)
+    args.block_size = args.block_size or (64 if smoke else 1024)
+    args.runs = 1 if smoke else args.runs
+    if not smoke and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --smoke, or on the GPU machine")
+    print_header(
+        "GPU hot path: GPT-2 124M through the service's trainer" + (" (smoke)" if smoke else "")
+    )
+    print("   device: " + json.dumps(describe_device()))
+
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="tunery-bench-gpu-") as folder_name:
+        models = Path(folder_name) / "models"
+        config = build_model(models / "gpt2-124m", args)
+        for index in range(args.runs):
+            runs.append(run_once(args, models, config))
+            print(f"   run {index + 1}: {runs[-1]['tokens_per_second']:,.0f} tok/s", flush=True)
+
+    best = runs[0]
+    tps = median([r["tokens_per_second"] for r in runs])
+    mfu = median([r["mfu"] for r in runs])
+    print(
+        f"\nblock {args.block_size}, batch {args.batch_size}, steps {args.warmup}..{args.steps}, "
+        f"{best['parameters']:,} parameters, median of {len(runs)}\n"
+    )
+    print_table(
+        [
+            "tokens/s",
+            "TFLOP/s",
+            f"MFU vs {args.peak_tflops:g} TFLOP/s",
+            "bf16",
+            "optim",
+            "tf32",
+            "compile",
+            "loader workers",
+            "pin memory",
+            "peak GiB",
+        ],
+        [
+            [
+                tps,
+                median([r["tflops"] for r in runs]),
+                f"{mfu:.1%}",
+                best["bf16"],
+                best["optim"],
+                best["tf32"],
+                best["torch_compile"],
+                best["dataloader_workers"],
+                best["pin_memory"],
+                best["peak_memory_gib"],
+            ]
+        ],
+    )
+    print("\ngoal: MFU >= 45% on the H200" + (" (not meaningful in --smoke)" if smoke else ""))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "runs": runs}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
