@@ -1,10 +1,13 @@
 """Request dependencies: a database session, the caller's project, and load-or-404 lookups."""
 
-from collections.abc import Iterator
+import hashlib
+import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Path
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -14,9 +17,17 @@ from shared.keys import authenticate
 from shared.models import Dataset, Job
 
 
-def get_db() -> Iterator[Session]:
-    with new_session() as session:
+async def get_db() -> AsyncIterator[Session]:
+    """A session for the request. Making one does no I/O, so it is made on the event loop;
+    closing one that used a connection (a rollback, a return to the pool) runs in a thread."""
+    session = new_session()
+    try:
         yield session
+    finally:
+        if session.in_transaction():
+            await run_in_threadpool(session.close)
+        else:
+            session.close()
 
 
 SessionDep = Annotated[Session, Depends(get_db)]
@@ -30,7 +41,28 @@ class Principal:
     key_id: str
 
 
-def get_principal(
+# Keys verified in the last few seconds, by the sha256 of the whole token: a client polling a
+# job would otherwise pay a database lookup for its key on every request. Keys are never
+# changed in place, so the only staleness is a deleted key working for VERIFIED_TTL_S more.
+VERIFIED_TTL_S = 30.0
+_VERIFIED_MAX = 10_000
+_verified: dict[str, tuple[Principal, float]] = {}
+
+
+def _remembered(token_digest: str) -> Principal | None:
+    entry = _verified.get(token_digest)
+    if entry is None or entry[1] < time.monotonic():
+        return None
+    return entry[0]
+
+
+def _remember(token_digest: str, principal: Principal) -> None:
+    if len(_verified) >= _VERIFIED_MAX:
+        _verified.clear()
+    _verified[token_digest] = (principal, time.monotonic() + VERIFIED_TTL_S)
+
+
+async def get_principal(
     session: SessionDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
@@ -42,10 +74,15 @@ def get_principal(
             "send an API key as `Authorization: Bearer <key>`",
             headers=challenge,
         )
-    key = authenticate(session, credentials.credentials)
+    token_digest = hashlib.sha256(credentials.credentials.encode()).hexdigest()
+    if principal := _remembered(token_digest):
+        return principal
+    key = await run_in_threadpool(authenticate, session, credentials.credentials)
     if key is None:
         raise APIError(401, "invalid_api_key", "the API key is not valid", headers=challenge)
-    return Principal(project_id=key.project_id, key_id=key.id)
+    principal = Principal(project_id=key.project_id, key_id=key.id)
+    _remember(token_digest, principal)
+    return principal
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
