@@ -4,7 +4,7 @@ import logging
 
 from fastapi import FastAPI
 
-from api import artifacts, datasets, health, jobs
+from api import artifacts, checkpoints, datasets, health, jobs
 from api.errors import install_error_handlers
 
 
@@ -22,4 +22,5 @@ def create_app() -> FastAPI:
     app.include_router(datasets.router)
     app.include_router(jobs.router)
     app.include_router(artifacts.router)
+    app.include_router(checkpoints.router)
     return app

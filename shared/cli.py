@@ -17,7 +17,9 @@ from shared.migrate import upgrade
 from shared.models import ApiKey
 from shared.settings import get_settings
 
-STOP_GRACE_S = 20
+# Time for the worker to stop at a step boundary, write a checkpoint and hand its job back
+# (Docker's stop_grace_period is the same), before it is killed.
+STOP_GRACE_S = 120
 
 
 def migrate_if_empty() -> None:
@@ -54,6 +56,9 @@ def _api(args: argparse.Namespace) -> int:
         port=args.port,
         workers=args.workers,
         log_level="info",
+        # Off unless asked for: a log line per request costs the hot path a good part of its
+        # time, and the Prometheus metrics at /metrics count requests by route and status.
+        access_log=args.access_log,
     )
     return 0
 
@@ -127,6 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         serving.add_argument("--host", default="127.0.0.1")
         serving.add_argument("--port", type=int, default=8000)
     api.add_argument("--workers", type=int, default=1, help="API processes")
+    api.add_argument("--access-log", action="store_true", help="log a line per request")
     commands.add_parser("worker", help="a training worker")
     commands.add_parser("migrate", help="bring the database to the newest schema")
     keys = commands.add_parser("keys", help="API keys").add_subparsers(dest="keys", required=True)

@@ -21,6 +21,15 @@ def _broker_options(settings: Settings) -> dict[str, object]:
             "socket_connect_timeout": 3,
             "socket_timeout": 10,
             "retry_on_timeout": True,
+            # A training task stays unacknowledged (acks_late) for its whole run; Redis hands
+            # it out again after this long. The claim turns that redelivery into a no-op.
+            "visibility_timeout": settings.broker_visibility_timeout_s,
+            # Look for expired deliveries a few times per timeout (kombu's default sweep is
+            # every 100 s); one cheap Redis query per worker per interval.
+            "unacked_restore_interval": int(
+                min(10, max(1, settings.broker_visibility_timeout_s // 4))
+            ),
+            "unacked_restore_throttle": 1,
         }
     folder = settings.queue_dir
     for sub in ("messages", "processed", "control"):

@@ -39,6 +39,18 @@ class Settings(BaseSettings):
         default=300, gt=0, description="Send the doorbell again for a job queued this long."
     )
     sweep_interval_s: float = Field(default=10, gt=0, description="How often the sweeper looks.")
+    broker_visibility_timeout_s: float = Field(
+        default=3600,
+        gt=0,
+        description="Redis redelivers a task not acknowledged this long (the claim makes a "
+        "redelivery harmless; tests lower it to prove so).",
+    )
+    database_retry_s: float = Field(
+        default=300,
+        gt=0,
+        description="How long the worker retries a write it cannot skip (a stage event, the "
+        "end of a job) while the database is unreachable.",
+    )
 
     @field_validator("allowed_base_models", mode="before")
     @classmethod

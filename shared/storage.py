@@ -17,6 +17,8 @@ from typing import BinaryIO
 from shared.settings import get_settings
 
 _KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_.-]+)*$")
+_CHECKPOINT_NAME = re.compile(r"^step-(\d{9})$")
+_PARTIAL_SUFFIX = ".partial"
 
 
 def dataset_key(dataset_id: str) -> str:
@@ -29,6 +31,17 @@ def artifact_key(job_id: str) -> str:
 
 def checkpoints_key(job_id: str) -> str:
     return f"checkpoints/{job_id}"
+
+
+def checkpoint_key(job_id: str, step: int) -> str:
+    # Zero-padded so that names sort like steps.
+    return f"{checkpoints_key(job_id)}/step-{step:09d}"
+
+
+def checkpoint_step(name: str) -> int | None:
+    """The step of a checkpoint folder's name, or None for anything else (temporary folders)."""
+    match = _CHECKPOINT_NAME.match(name)
+    return int(match.group(1)) if match else None
 
 
 def root() -> Path:
@@ -55,6 +68,57 @@ def open_write(key: str) -> Iterator[BinaryIO]:
         os.replace(partial, final)
     finally:
         partial.unlink(missing_ok=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+@contextmanager
+def open_dir_write(key: str) -> Iterator[Path]:
+    """Write a folder whole: fill the yielded temporary folder (a hidden sibling of `key`, on the
+    same filesystem); it is renamed to `key` only if the block ends without an error.
+
+    Files written into it must be flushed and fsynced by the writer; the folder entries are
+    synced here before and after the rename, so a crash leaves either the old state or the whole
+    new folder, never a folder under `key` with missing pieces. A folder already at `key` is
+    replaced.
+    """
+    final = path(key)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    partial = final.with_name(f".{final.name}.{uuid.uuid4().hex}{_PARTIAL_SUFFIX}")
+    partial.mkdir()
+    try:
+        yield partial
+        _fsync_dir(partial)
+        if final.exists():
+            # os.replace cannot replace a non-empty folder: move the old one aside first.
+            stale = final.with_name(f".{final.name}.{uuid.uuid4().hex}.stale")
+            os.replace(final, stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        os.replace(partial, final)
+        _fsync_dir(final.parent)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def list_dir(key: str) -> list[str]:
+    """Names of the entries in the folder at `key` (none if it does not exist)."""
+    try:
+        return sorted(entry.name for entry in os.scandir(path(key)))
+    except FileNotFoundError:
+        return []
+
+
+def delete_partials(key: str) -> None:
+    """Remove temporary folders that writers under `key` left behind when they died."""
+    for name in list_dir(key):
+        if name.startswith(".") and name.endswith((_PARTIAL_SUFFIX, ".stale")):
+            shutil.rmtree(path(key) / name, ignore_errors=True)
 
 
 def open_read(key: str) -> BinaryIO:

@@ -5,11 +5,16 @@
 
 import threading
 
-from celery.signals import worker_process_init, worker_ready, worker_shutdown
+from celery.signals import (
+    worker_process_init,
+    worker_ready,
+    worker_shutdown,
+    worker_shutting_down,
+)
 
 from shared.db import get_engine
 from shared.queue import celery_app
-from worker import tasks  # noqa: F401  (registers jobs.train)
+from worker import shutdown, tasks  # noqa: F401  (tasks registers jobs.train)
 from worker.sweeper import start_in_background
 
 app = celery_app()
@@ -20,6 +25,13 @@ _sweeper_stop: threading.Event | None = None
 def _start_sweeper(**_: object) -> None:
     global _sweeper_stop
     _sweeper_stop = start_in_background()
+
+
+@worker_shutting_down.connect
+def _hand_back_running_job(**_: object) -> None:
+    # A warm shutdown waits for the running task; tell it to checkpoint and hand the job back
+    # rather than train to the end (or be killed when the grace period runs out).
+    shutdown.forward_to_pool_children()
 
 
 @worker_shutdown.connect

@@ -5,6 +5,7 @@ base model); everything else is ours. Messages are one line and never carry a tr
 traceback goes to the worker log.
 """
 
+import errno
 from typing import Any
 
 import torch
@@ -31,6 +32,10 @@ class LeaseLost(Exception):
     write nothing more, the owner's writes are the truth now."""
 
 
+class HandBack(Exception):
+    """The worker is shutting down: the job goes back to the queue and resumes elsewhere."""
+
+
 def _first_line(text: str) -> str:
     line = next((part.strip() for part in text.splitlines() if part.strip()), "")
     return line if len(line) <= _MAX_MESSAGE else line[: _MAX_MESSAGE - 3] + "..."
@@ -43,10 +48,30 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
+def _is_disk_full(exc: BaseException) -> bool:
+    # torch.save and safetensors wrap the OSError in a RuntimeError; look down the chain.
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def classify(exc: BaseException) -> dict[str, Any]:
     """The job's `error` for an exception that ended the pipeline."""
     if isinstance(exc, JobFailure):
         return {"code": exc.code, "message": _first_line(exc.message), "user_error": exc.user_error}
+    if _is_disk_full(exc):
+        # Ours, not the caller's: the worker's disk or the storage volume needs room.
+        return {
+            "code": "disk_full",
+            "message": "no space left on the device while writing the job's files "
+            "(a checkpoint or the model); the operator must free space or grow the volume",
+            "user_error": False,
+        }
     if _is_out_of_memory(exc):
         # The caller can fix this one: smaller batches or blocks need less memory.
         return {

@@ -10,18 +10,40 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import select
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from shared import jobs
 from shared.db import session_scope
 from shared.models import Job
+from shared.settings import get_settings
 from worker.errors import JobCancelled, LeaseLost
 
 logger = logging.getLogger(__name__)
+
+Result = TypeVar("Result")
+OUTAGE_ERRORS = (OperationalError, InterfaceError)
+
+
+def retry_on_outage(fn: Callable[[], Result], what: str) -> Result:
+    """Run `fn` (a whole transaction), again and again with backoff while the database is
+    unreachable, for at most TUNERY_DATABASE_RETRY_S: a PostgreSQL restart must not fail a
+    job that trained for hours. Each try is a new transaction, so a retry never half-applies.
+    """
+    deadline = time.monotonic() + get_settings().database_retry_s
+    delay = 0.5
+    while True:
+        try:
+            return fn()
+        except OUTAGE_ERRORS:
+            if time.monotonic() + delay > deadline:
+                raise
+            logger.warning("database unreachable while %s; retrying in %.1f s", what, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 class Lease:
@@ -56,18 +78,28 @@ class Lease:
 
         With `skip_on_outage`, a database that cannot be reached skips this write instead of
         failing hours of training: if the outage lasts, the sweeper re-queues the job and the
-        next write finds the lease lost.
+        next write finds the lease lost. Without it, the write is retried through the outage.
         """
         if self.lost:
             return False
-        try:
+
+        def transaction() -> bool:
             with session_scope() as session:
                 if not jobs.heartbeat(session, self.job_id, self.attempt, values=values):
-                    self.lost = True
                     return False
                 if fn is not None:
                     fn(session)
-        except OperationalError:
+            return True
+
+        try:
+            if skip_on_outage:
+                owned = transaction()
+            else:
+                owned = retry_on_outage(transaction, f"writing for job {self.job_id}")
+            if not owned:
+                self.lost = True
+                return False
+        except OUTAGE_ERRORS:
             if not skip_on_outage:
                 raise
             logger.warning("job %s: database unreachable, write skipped", self.job_id)
@@ -99,7 +131,7 @@ class Lease:
                         Job.id == self.job_id
                     )
                 ).one_or_none()
-        except OperationalError:  # as in `write`: an outage is not a reason to stop training
+        except OUTAGE_ERRORS:  # as in `write`: an outage is not a reason to stop training
             logger.warning("job %s: database unreachable, cancel poll skipped", self.job_id)
             return
         if row is None or row.status != jobs.RUNNING or row.attempt != self.attempt:

@@ -3,8 +3,10 @@
 load base model -> tokenize + pack + split -> baseline samples and eval -> Trainer.train()
 -> final eval and samples -> save -> package the tarball into storage -> mark succeeded.
 
-`run` never raises: a failure becomes the job's `error`, a cancel becomes `cancelled`, and a
-lost claim ends the attempt silently, because another attempt owns the job now.
+`run` never raises: a failure becomes the job's `error`, a cancel becomes `cancelled`, a lost
+claim ends the attempt silently, because another attempt owns the job now, and a worker shutting
+down hands the job back to the queue after a checkpoint. A re-claimed job resumes from its newest
+complete checkpoint; the checkpoints are deleted once the job has ended.
 """
 
 import gc
@@ -28,22 +30,24 @@ from sqlalchemy.orm import Session
 from transformers import GenerationConfig, Trainer
 from transformers.utils import logging as transformers_logging
 
-from shared import jobs, storage
+from shared import checkpoints, jobs, storage
+from shared.checkpoints import Checkpoint
 from shared.db import session_scope
 from shared.models import Dataset, Job, JobMetric, utcnow
+from shared.queue import send_train
 from shared.schemas import Hyperparameters, JobMetricRead, JobMetrics, JobRead
 from shared.settings import get_settings
-from worker import artifacts
+from worker import artifacts, shutdown
+from worker.checkpoints import CheckpointCallback, restore_newest
 from worker.data import PreparedData, prepare_data, steps_per_epoch
-from worker.errors import JobCancelled, JobFailure, LeaseLost, classify
-from worker.lease import Lease
+from worker.errors import HandBack, JobCancelled, JobFailure, LeaseLost, classify
+from worker.lease import Lease, retry_on_outage
 from worker.trainer import (
     BaseModel,
     JobCallback,
     build_trainer,
     describe_device,
     evaluate_loss,
-    finite,
     generate_samples,
     load_base_model,
     logging_steps,
@@ -84,15 +88,20 @@ def run(job_id: str, attempt: int) -> None:
             _train(lease, workdir)
     except LeaseLost:
         logger.warning("job %s attempt %s lost its claim; stopped without writing", job_id, attempt)
+    except HandBack as reason:
+        _hand_back(job_id, attempt, str(reason))
     except JobCancelled:
         logger.info("job %s cancelled", job_id)
-        _record_end(job_id, lambda session: jobs.mark_cancelled(session, job_id, attempt))
+        if _record_end(job_id, lambda session: jobs.mark_cancelled(session, job_id, attempt)):
+            checkpoints.delete_all(job_id)
     except Exception as exc:
         error = classify(exc)
         logger.exception("job %s attempt %s failed: %s", job_id, attempt, error["code"])
-        _record_end(
+        failed = _record_end(
             job_id, lambda session: jobs.mark_failed(session, job_id, error, attempt=attempt)
         )
+        if failed:
+            checkpoints.delete_all(job_id)
     finally:
         # Free the model before the next job; the worker process lives on.
         gc.collect()
@@ -100,12 +109,39 @@ def run(job_id: str, attempt: int) -> None:
             torch.cuda.empty_cache()
 
 
-def _record_end(job_id: str, transition: Callable[[Session], bool]) -> None:
-    try:
+def _record_end(job_id: str, transition: Callable[[Session], bool]) -> bool:
+    """Apply the job's final transition, through a database outage; whether it was applied
+    (False: another attempt owns the job, or the database stayed away and the sweeper will
+    re-queue it, so its checkpoints must stay)."""
+
+    def apply() -> bool:
         with session_scope() as session:
-            transition(session)
-    except Exception:  # the database is away: the sweeper re-queues the job later
+            return transition(session)
+
+    try:
+        return retry_on_outage(apply, f"recording how job {job_id} ended")
+    except Exception:
         logger.exception("job %s: could not record how it ended", job_id)
+        return False
+
+
+def _hand_back(job_id: str, attempt: int, reason: str) -> None:
+    """Re-queue the job (its checkpoint is in storage) and ring the doorbell after the commit;
+    if the message is lost, the sweeper rings again."""
+    logger.info("job %s: handing it back: %s", job_id, reason)
+    if not _record_end(job_id, lambda session: jobs.requeue(session, job_id, attempt, reason)):
+        return
+    try:
+        send_train(job_id)
+    except Exception:
+        logger.warning("job %s: re-queued, but the doorbell failed; the sweeper resends it", job_id)
+
+
+def _check(lease: Lease) -> None:
+    """Between stages: stop for a cancel or a lost claim, hand back on shutdown."""
+    lease.check()
+    if shutdown.requested():
+        raise HandBack("the worker is shutting down; the job resumes from its last checkpoint")
 
 
 @contextmanager
@@ -119,15 +155,22 @@ def _workdir(job_id: str) -> Iterator[Path]:
         yield Path(folder)
 
 
-def load_inputs(job_id: str, attempt: int) -> JobInputs:
+def _load_rows(job_id: str) -> tuple[Job | None, Dataset | None, Dataset | None]:
     with session_scope() as session:
         job = session.get(Job, job_id)
-        if job is None or job.status != jobs.RUNNING or job.attempt != attempt:
-            raise LeaseLost(f"job {job_id} is not running as attempt {attempt}")
+        if job is None:
+            return None, None, None
         dataset = session.get(Dataset, job.dataset_id)
         validation = (
             session.get(Dataset, job.validation_dataset_id) if job.validation_dataset_id else None
         )
+        return job, dataset, validation
+
+
+def load_inputs(job_id: str, attempt: int) -> JobInputs:
+    job, dataset, validation = retry_on_outage(lambda: _load_rows(job_id), f"loading job {job_id}")
+    if job is None or job.status != jobs.RUNNING or job.attempt != attempt:
+        raise LeaseLost(f"job {job_id} is not running as attempt {attempt}")
     deleted = [d for d in (dataset, validation) if d is not None and d.deleted_at is not None]
     if dataset is None or (job.validation_dataset_id and validation is None) or deleted:
         raise JobFailure("dataset_not_found", "the job's dataset was deleted", user_error=True)
@@ -158,7 +201,7 @@ def _train(lease: Lease, workdir: Path) -> None:
         f"base model {job.base_model} loaded ({parameters:,} parameters)",
         data={"base_model": job.base_model, "parameters": parameters, **describe_device()},
     )
-    lease.check()
+    _check(lease)
 
     data = prepare_data(
         base.tokenizer,
@@ -170,17 +213,32 @@ def _train(lease: Lease, workdir: Path) -> None:
         on_progress=lease.beat,
     )
     _report_data(lease, data, hp.block_size)
-    lease.check()
+    _check(lease)
 
-    trainer, callback = _make_trainer(lease, base, data, hp, workdir, state)
+    restored = restore_newest(lease, workdir / "resume")
+    resumed = restored[0] if restored else None
+    trainer, callback, saver = _make_trainer(lease, base, data, hp, workdir, state, resumed)
     baseline_samples = _samples(lease, trainer, base, job.eval_prompts, "base model")
     _evaluate(lease, trainer, data, state, stage="baseline")
-    lease.check()
+    _check(lease)
 
-    lease.event("training started", data=state.training)
-    output = trainer.train()
+    if restored is not None:
+        step = restored[0].step
+        lease.event(
+            f"resumed from checkpoint at step {step}",
+            data={"step": step, **state.training},
+            values={"resumed_from_step": step},
+        )
+    else:
+        lease.event("training started", data=state.training)
+    output = trainer.train(resume_from_checkpoint=str(restored[1]) if restored else None)
     lease.check()  # a cancel or a lost claim stopped the loop: leave before anything is saved
-    state.metrics["train_loss"] = finite(output.training_loss)
+    if saver.handing_back:
+        raise HandBack(
+            f"the worker is shutting down; the job resumes from its checkpoint at step "
+            f"{saver.last_saved_step}"
+        )
+    state.metrics["train_loss"] = saver.run_train_loss(output.training_loss, trainer.state)
     state.progress = {**callback.progress(trainer.state), "fraction": 1.0, "eta_seconds": 0.0}
     _evaluate(lease, trainer, data, state, stage="final")
     tuned_samples = _samples(lease, trainer, base, job.eval_prompts, "fine-tuned model")
@@ -200,21 +258,23 @@ def _train(lease: Lease, workdir: Path) -> None:
         _write_package(package, inputs, state, finished_at)
         lease.check()
         size, sha256 = artifacts.upload_tarball(package, storage.artifact_key(job.id))
-    with session_scope() as session:
-        done = jobs.mark_succeeded(
-            session,
-            job.id,
-            lease.attempt,
-            values={
-                "artifact_bytes": size,
-                "artifact_sha256": sha256,
-                "metrics": state.metrics,
-                "progress": state.progress,
-                "finished_at": finished_at,
-            },
-        )
+    values = {
+        "artifact_bytes": size,
+        "artifact_sha256": sha256,
+        "metrics": state.metrics,
+        "progress": state.progress,
+        "finished_at": finished_at,
+    }
+
+    def succeed() -> bool:
+        with session_scope() as session:
+            return jobs.mark_succeeded(session, job.id, lease.attempt, values=values)
+
+    done = retry_on_outage(succeed, f"recording that job {job.id} succeeded")
     if not done:
         logger.warning("job %s: claim lost while packaging; the artifact is not ours", job.id)
+        return
+    checkpoints.delete_all(job.id)
 
 
 def _report_data(lease: Lease, data: PreparedData, block_size: int) -> None:
@@ -246,7 +306,8 @@ def _make_trainer(
     hp: Hyperparameters,
     workdir: Path,
     state: RunState,
-) -> tuple[Trainer, JobCallback]:
+    resumed: Checkpoint | None,
+) -> tuple[Trainer, JobCallback, CheckpointCallback]:
     per_epoch = steps_per_epoch(len(data.train), hp.batch_size, hp.gradient_accumulation_steps)
     total_steps = hp.max_steps or max(1, math.ceil(hp.epochs * per_epoch))
     state.training = {
@@ -259,8 +320,11 @@ def _make_trainer(
     }
     tokens_per_step = hp.batch_size * hp.gradient_accumulation_steps * hp.block_size
     callback = JobCallback(lease, tokens_per_step)
+    # After JobCallback: it sees a stop (cancel, lost claim) first and then saves nothing.
+    saver = CheckpointCallback(lease, get_settings().checkpoint_interval_s, resumed)
     args = training_arguments(hp, workdir / "trainer", total_steps)
-    return build_trainer(base.model, args, data.train, data.eval, [callback]), callback
+    trainer = build_trainer(base.model, args, data.train, data.eval, [callback, saver])
+    return trainer, callback, saver
 
 
 def _samples(

@@ -11,7 +11,7 @@ from datetime import timedelta
 
 from sqlalchemy import func, select, update
 
-from shared import jobs
+from shared import checkpoints, jobs
 from shared.db import session_scope
 from shared.models import Job, utcnow
 from shared.queue import send_train
@@ -85,6 +85,8 @@ def _recover_stale(report: SweepReport) -> None:
                 session, job_id, attempt, f"no heartbeat from its worker for {timeout:g} s"
             ):
                 report.requeued.append(job_id)
+    for job_id in report.failed:  # after the commit: nothing will resume them now
+        checkpoints.delete_all(job_id)
     for job_id in report.requeued:
         send_train(job_id)
 

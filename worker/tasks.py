@@ -5,7 +5,7 @@ import logging
 from shared import jobs
 from shared.db import session_scope
 from shared.queue import TRAIN_TASK, celery_app
-from worker import pipeline
+from worker import pipeline, shutdown
 
 logger = logging.getLogger(__name__)
 
@@ -18,4 +18,5 @@ def train_job(job_id: str) -> None:
     if attempt is None:
         logger.info("job %s is not queued; nothing to do", job_id)
         return
-    pipeline.run(job_id, attempt)
+    with shutdown.hand_back_on_sigterm():
+        pipeline.run(job_id, attempt)

@@ -1,5 +1,6 @@
 """The lease keeps database traffic bounded and stops writing the moment it is lost."""
 
+import time
 from typing import Any
 
 import pytest
@@ -8,7 +9,7 @@ from sqlalchemy.exc import OperationalError
 
 from shared.db import session_scope
 from shared.models import Job
-from shared.settings import Settings
+from shared.settings import Settings, get_settings
 from tests.worker.conftest import MakeDataset, MakeJob
 from tests.worker.helpers import events_of, learnable_text, load_job
 from worker import lease as lease_module
@@ -78,9 +79,34 @@ def test_a_database_outage_skips_heartbeats_instead_of_failing_training(
         raise OperationalError("SELECT 1", {}, Exception("connection refused"))
 
     monkeypatch.setattr(lease_module, "session_scope", unreachable)
+    # Stage events are retried through an outage, for TUNERY_DATABASE_RETRY_S at most.
+    monkeypatch.setenv("TUNERY_DATABASE_RETRY_S", "1")
+    get_settings.cache_clear()
 
     assert lease.beat({"step": 1}, force=True)  # skipped, still ours as far as we know
     lease.poll(force=True)
     assert not lease.should_stop
-    with pytest.raises(OperationalError):  # stage events are not optional: the job fails
+    started = time.monotonic()
+    with pytest.raises(OperationalError):  # stage events are not optional: past the bound, fail
         lease.event("model loaded")
+    assert 0.5 <= time.monotonic() - started < 5
+
+
+def test_a_stage_event_is_retried_until_the_database_is_back(
+    claimed: tuple[str, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job_id, attempt = claimed
+    lease = Lease(job_id, attempt)
+    real = lease_module.session_scope
+    failures = [2]
+
+    def flaky() -> Any:
+        if failures[0] > 0:
+            failures[0] -= 1
+            raise OperationalError("SELECT 1", {}, Exception("connection refused"))
+        return real()
+
+    monkeypatch.setattr(lease_module, "session_scope", flaky)
+    lease.event("model loaded")  # two refusals, then written
+    assert failures == [0]
+    assert [e.message for e in events_of(job_id)][-1] == "model loaded"

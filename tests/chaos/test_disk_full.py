@@ -1,0 +1,62 @@
+"""Storage full while a checkpoint is written: the job fails as disk_full (our error, not the
+caller's), and the checkpoint before it is intact."""
+
+import hashlib
+import json
+import os
+
+import pytest
+
+from tests.chaos.conftest import Stack, figures
+from tests.processes import wait_for
+
+
+def fill(folder: os.PathLike[str], leave_bytes: int) -> None:
+    """Take all but `leave_bytes` of the filesystem's free space."""
+    free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
+    with open(os.path.join(folder, "filler"), "wb") as stream:
+        stream.truncate(0)
+        remaining = max(0, free - leave_bytes)
+        block = b"\0" * (1 << 20)
+        while remaining > 0:
+            remaining -= stream.write(block[: min(len(block), remaining)])
+
+
+class TestDiskFull:
+    @pytest.mark.small_storage(24)
+    def test_a_full_disk_fails_the_job_as_disk_full_and_keeps_the_checkpoint_before(
+        self, stack: Stack
+    ) -> None:
+        worker = stack.start_worker("worker")
+        stack.wait_ready("worker", worker)
+        job_id = stack.create_job()
+        steps = wait_for(lambda: stack.checkpoint_steps(job_id), timeout=90, what="a checkpoint")
+        folder = stack.storage / "checkpoints" / job_id / f"step-{steps[0]:09d}"
+        manifest = json.loads((folder / "checkpoint.json").read_text())
+        # Every file of that checkpoint as it is now, read by the test itself.
+        before = {
+            name: hashlib.sha256((folder / name).read_bytes()).hexdigest()
+            for name in manifest["files"]
+        }
+        assert before == {name: facts["sha256"] for name, facts in manifest["files"].items()}
+        fill(stack.storage, leave_bytes=256 * 1024)  # less than one checkpoint
+
+        failed = stack.client.wait(job_id, timeout=120)
+        assert failed["status"] == "failed", stack.messages(job_id)
+        assert failed["error"]["code"] == "disk_full"
+        assert failed["error"]["user_error"] is False
+        report = next(m for m in stack.messages(job_id) if m.startswith("the disk is full"))
+        failed_step = int(report.split("checkpoint at step ")[1].split(" ")[0])
+        intact_step = int(report.split("; the checkpoint at step ")[1].split(" ")[0])
+        assert intact_step >= steps[0] and failed_step > intact_step, report
+        assert "is intact (every file verified)" in report
+        # Nothing is left behind on the full volume: the partial write and, the job having
+        # ended, its checkpoints.
+        assert not (stack.storage / "checkpoints" / job_id).exists()
+        assert worker.poll() is None
+        figures(
+            "g.disk_full",
+            step_failed_at=failed_step,
+            previous_checkpoint_intact_at=intact_step,
+            step_resumed_from=None,
+        )
