@@ -73,6 +73,9 @@ class Hyperparameters(BaseModel):
         default=None, ge=1, le=10_000_000, description="Stop after this many optimizer steps."
     )
     seed: int = Field(default=42, ge=0, le=2**32 - 1, description="Seed for shuffling and init.")
+    compile: bool = Field(
+        default=False, description="torch.compile the model (worth it on a GPU for long jobs)."
+    )
 
 
 class LoraConfig(BaseModel):

@@ -113,6 +113,34 @@ class CardFacts:
     metrics: dict[str, Any]
     samples: list[dict[str, str]]  # prompt, base, tuned
     suffix: str | None
+    method: str = "full"
+    lora: dict[str, Any] | None = None
+
+
+def _how_to_load(facts: CardFacts) -> list[str]:
+    if facts.method == "lora" and not (facts.lora or {}).get("merge"):
+        return [
+            "The adapter is in `adapter/` (PEFT format); load it on top of the base model:",
+            "",
+            "```python",
+            "from peft import PeftModel",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            f'base = AutoModelForCausalLM.from_pretrained("{facts.base_model}")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{facts.base_model}")',
+            'model = PeftModel.from_pretrained(base, "adapter")',
+            "```",
+        ]
+    return [
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        'tokenizer = AutoTokenizer.from_pretrained("model")',
+        'model = AutoModelForCausalLM.from_pretrained("model")',
+        'inputs = tokenizer("Your prompt", return_tensors="pt")',
+        "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=50)[0]))",
+        "```",
+    ]
 
 
 def _number(value: Any) -> str:
@@ -123,6 +151,14 @@ def _quote(text: str) -> str:
     return "\n".join(f"> {line}" for line in (text or " ").splitlines() or [" "])
 
 
+def _method_text(facts: CardFacts) -> str:
+    if facts.method != "lora":
+        return "full fine-tune"
+    lora = facts.lora or {}
+    merged = ", merged into model/" if lora.get("merge") else ""
+    return f"LoRA r={lora.get('r')} alpha={lora.get('alpha')}{merged}"
+
+
 def render_model_card(facts: CardFacts) -> str:
     metrics = facts.metrics
     title = f"{facts.base_model} fine-tuned" + (f" ({facts.suffix})" if facts.suffix else "")
@@ -130,7 +166,7 @@ def render_model_card(facts: CardFacts) -> str:
         f"# {title}",
         "",
         f"Fine-tuned by Tunery, job `{facts.job_id}`, from base model `{facts.base_model}` "
-        "(full fine-tune, causal language modelling on packed blocks).",
+        f"({_method_text(facts)}, causal language modelling on packed blocks).",
         "",
         "## Dataset",
         "",
@@ -180,14 +216,7 @@ def render_model_card(facts: CardFacts) -> str:
     lines += [
         "## How to load it",
         "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "",
-        'tokenizer = AutoTokenizer.from_pretrained("model")',
-        'model = AutoModelForCausalLM.from_pretrained("model")',
-        'inputs = tokenizer("Your prompt", return_tensors="pt")',
-        "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=50)[0]))",
-        "```",
+        *_how_to_load(facts),
         "",
         f"Check the files with `sha256sum -c {MANIFEST}`.",
         "",

@@ -1,9 +1,16 @@
-"""Training data: read a stored dataset, render examples to text, split, tokenize and pack.
+"""Training data: read a stored dataset, split it, tokenize it with its loss mask, and pack it.
 
-Packing follows the old `transformers.TextDataset`: every example gets EOS appended, the token
-stream is concatenated and cut into `block_size` blocks, and the tail that does not fill a block
-is dropped. Examples are split into train and validation *before* packing, so no block mixes the
-two. Files are streamed and tokenized in batches; only the token ids are held in memory (int32).
+- `text`: the old `transformers.TextDataset` blocks: every example gets EOS appended, the token
+  stream is concatenated and cut into `block_size` blocks, the tail that does not fill a block is
+  dropped, and every token is trained.
+- `prompt_completion` and `messages`: each example is tokenized with its label mask
+  (`worker.masking`) and whole examples are packed into rows of at most `block_size` tokens with
+  restarting position ids (`worker.packing`); an example longer than a block is truncated or
+  dropped as the job's `truncation` says, and counted.
+
+Examples are split into train and validation *before* packing, so no row mixes the two. Files
+are streamed and tokenized in batches. The packed result is cached (`worker.token_cache`) under
+a key of everything it depends on, so later jobs and resumed attempts skip tokenization.
 """
 
 import logging
@@ -18,31 +25,25 @@ from typing import Any
 
 import torch
 from torch.utils.data import Dataset as TorchDataset
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, default_data_collator
 
 from shared import dataset_formats, storage
 from shared.dataset_formats import DatasetError
 from shared.models import Dataset
+from worker import token_cache
+from worker.collate import Mode, PackedCollator, PackedDataset
 from worker.errors import JobFailure
+from worker.masking import TokenizedExample, eos_id, tokenize_examples
+from worker.packing import PackedData, PackStats, pack_examples, pack_token_stream
 
 logger = logging.getLogger(__name__)
 
 TOKENIZE_BATCH = 1000  # examples per tokenizer call: large enough for the Rust batching to pay
 
 
-def render_example(record: Any, shape: str) -> str:
-    """One example as the text the model trains on.
-
-    The single place that decides the rendering: prompt/completion and chat messages are plain
-    concatenations for now; a later issue replaces this with templates and loss masking.
-    """
-    if shape == "text":
-        return record if isinstance(record, str) else record["text"]
-    if shape == "prompt_completion":
-        return f"{record['prompt']}{record['completion']}"
-    if shape == "messages":
-        return "\n".join(f"{turn['role']}: {turn['content']}" for turn in record["messages"])
-    raise JobFailure("invalid_dataset", f"unknown dataset shape {shape!r}", user_error=True)
+def example_text(record: Any) -> str:
+    """The text of a `text`-shaped example: a line of a text file or a `{"text": ...}` object."""
+    return record if isinstance(record, str) else record["text"]
 
 
 @contextmanager
@@ -65,18 +66,22 @@ def _invalid(dataset: Dataset, error: DatasetError) -> JobFailure:
     return JobFailure("invalid_dataset", f"dataset {dataset.filename}: {error}", user_error=True)
 
 
-def iter_examples(dataset: Dataset) -> Iterator[str]:
-    """Every example of a stored dataset, rendered to text, in file order.
+def iter_records(dataset: Dataset) -> Iterator[Any]:
+    """Every example of a stored dataset as uploaded (a line, or a JSON object), in file order.
 
     Lines are read exactly as upload validation reads them (`shared.dataset_formats`): blank
     lines skipped, a trailing `\\r` and a byte order mark dropped.
     """
     with _chunks(dataset) as chunks:
         try:
-            for example in dataset_formats.iter_examples(chunks, dataset.format):
-                yield render_example(example, dataset.shape)
+            yield from dataset_formats.iter_examples(chunks, dataset.format)
         except DatasetError as error:
             raise _invalid(dataset, error) from None
+
+
+def iter_examples(dataset: Dataset) -> Iterator[str]:
+    """Every example of a `text`-shaped dataset as its text."""
+    return (example_text(record) for record in iter_records(dataset))
 
 
 def count_examples(dataset: Dataset) -> int:
@@ -119,6 +124,12 @@ class PackedBlocks(TorchDataset):
     @property
     def tokens(self) -> int:
         return self.blocks.numel()
+
+    @classmethod
+    def of(cls, packed: PackedData, block_size: int) -> "PackedBlocks":
+        """Text rows as blocks: all `block_size` long, or one shorter validation block."""
+        width = block_size if len(packed) != 1 else int(packed.row_offsets[1])
+        return cls(torch.from_numpy(packed.input_ids).view(len(packed), width))
 
 
 def _batch_encoder(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[str]], list[list[int]]]:
@@ -193,32 +204,34 @@ class _TokenStream:
             self._submit()
         self._collect()
 
-    def blocks(self, block_size: int) -> torch.Tensor:
-        """The stream cut into full blocks, the tail dropped: shape (n_blocks, block_size)."""
-        self.flush()
-        count = len(self.ids) // block_size
-        if count == 0:
-            return torch.empty((0, block_size), dtype=torch.int32)
-        tokens = torch.frombuffer(self.ids, dtype=torch.int32)[: count * block_size]
-        return tokens.clone().view(count, block_size)
-
-    def whole(self) -> torch.Tensor:
-        """The stream as one short block, for a validation set smaller than a block."""
-        self.flush()
-        return torch.frombuffer(self.ids, dtype=torch.int32).clone().view(1, -1)
-
 
 @dataclass
 class PreparedData:
-    """The packed splits, with the counts the events and the model card report."""
+    """The packed splits, with the counts the events, the plan and the model card report."""
 
-    train: PackedBlocks
-    eval: PackedBlocks | None
-    train_examples: int
-    eval_examples: int
-    train_tokens_total: int
-    eval_tokens_total: int
+    train: TorchDataset
+    eval: TorchDataset | None
+    train_stats: PackStats
+    eval_stats: PackStats
+    collator: Callable[[list[dict[str, Any]]], dict[str, Any]]
+    cache_hit: bool = False
     eval_is_short_block: bool = False
+
+    @property
+    def train_examples(self) -> int:
+        return self.train_stats.examples
+
+    @property
+    def eval_examples(self) -> int:
+        return self.eval_stats.examples
+
+    @property
+    def train_tokens_total(self) -> int:
+        return self.train_stats.tokens + self.train_stats.discarded_tokens
+
+    @property
+    def eval_tokens_total(self) -> int:
+        return self.eval_stats.tokens + self.eval_stats.discarded_tokens
 
 
 def prepare_data(
@@ -229,89 +242,199 @@ def prepare_data(
     *,
     block_size: int,
     seed: int,
+    truncation: str = "truncate",
+    mode: Mode = "packed",
+    use_cache: bool = False,
     on_progress: Callable[[], None] = lambda: None,
 ) -> PreparedData:
     """Tokenize and pack the training data and the validation set (the validation dataset if
     given, else a seeded `validation_split` of the training examples; none when the split is 0).
 
-    `on_progress` is called once per tokenizer batch so the caller can heartbeat.
+    `mode` is how masked shapes are batched (`worker.collate.collator_mode`): rows of several
+    examples, or one example per row for `padded`. `on_progress` is called once per tokenizer
+    batch so the caller can heartbeat.
     """
-    eos_id = tokenizer.eos_token_id
-    if eos_id is None:
+    shape = train_dataset.shape
+    if validation_dataset is not None and validation_dataset.shape != shape:
         raise JobFailure(
-            "base_model_invalid",
-            "the base model's tokenizer has no end-of-sequence token",
+            "invalid_dataset",
+            f"the validation dataset has the {validation_dataset.shape} shape, the training "
+            f"dataset the {shape} shape; they must match",
             user_error=True,
         )
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize") as executor:
-        encode = _batch_encoder(tokenizer)
-        train = _TokenStream(encode, eos_id, executor)
-        held_out = _TokenStream(encode, eos_id, executor)
-        _tokenize(
-            train, held_out, train_dataset, validation_dataset, validation_split, seed, on_progress
+    eos_id(tokenizer)  # a tokenizer without EOS is refused before any work
+    options: dict[str, str | int | float | bool | None] = {
+        "truncation": truncation,
+        "pack": mode in ("packed", "flatten"),
+        "seed": seed,
+        "validation_split": validation_split,
+        "validation_dataset_sha256": validation_dataset.sha256 if validation_dataset else None,
+    }
+    keys = _cache_keys(tokenizer, train_dataset, block_size, options) if use_cache else None
+    cached = _from_cache(keys)
+    if cached is not None:
+        train, held_out = cached
+    elif shape == "text":
+        train_stream, eval_stream = _tokenize_text(
+            tokenizer, train_dataset, validation_dataset, validation_split, seed, on_progress
         )
-        train.flush()
-        held_out.flush()
-
-    train_blocks = train.blocks(block_size)
-    if train_blocks.shape[0] == 0:
+        train = pack_token_stream(train_stream.ids, train_stream.examples, block_size)
+        held_out = _pack_eval(eval_stream, block_size)
+    else:
+        train_examples, eval_examples = _tokenize_masked(
+            tokenizer, train_dataset, validation_dataset, validation_split, seed, on_progress
+        )
+        pack = bool(options["pack"])
+        train = pack_examples(train_examples, block_size, truncation, pack=pack)
+        held_out = pack_examples(eval_examples, block_size, truncation, pack=pack)
+    if len(train) == 0:
         raise JobFailure(
             "dataset_too_small",
-            f"the training data has {len(train.ids)} tokens after the validation split, fewer "
-            f"than one block of block_size {block_size}; add data or lower block_size",
+            f"the training data has {train.stats.tokens + train.stats.discarded_tokens} tokens "
+            f"after the validation split, fewer than one block of block_size {block_size}; add "
+            "data or lower block_size",
             user_error=True,
         )
-    eval_set, short = _eval_blocks(held_out, block_size)
+    if keys is not None and cached is None:
+        token_cache.store(keys[0], train)
+        token_cache.store(keys[1], held_out)
+    return _prepared(tokenizer, train, held_out, shape, mode, block_size, cached is not None)
+
+
+def _prepared(
+    tokenizer: PreTrainedTokenizerBase,
+    train: PackedData,
+    held_out: PackedData,
+    shape: str,
+    mode: Mode,
+    block_size: int,
+    cache_hit: bool,
+) -> PreparedData:
+    if shape == "text":
+        short = len(held_out) == 1 and int(held_out.row_offsets[1]) < block_size
+        return PreparedData(
+            train=PackedBlocks.of(train, block_size),
+            eval=PackedBlocks.of(held_out, block_size) if len(held_out) else None,
+            train_stats=train.stats,
+            eval_stats=held_out.stats,
+            # All blocks have the same length: stacking is all a batch needs.
+            collator=default_data_collator,
+            cache_hit=cache_hit,
+            eval_is_short_block=short,
+        )
     return PreparedData(
-        train=PackedBlocks(train_blocks),
-        eval=eval_set,
-        train_examples=train.examples,
-        eval_examples=held_out.examples,
-        train_tokens_total=len(train.ids),
-        eval_tokens_total=len(held_out.ids),
-        eval_is_short_block=short,
+        train=PackedDataset(train),
+        eval=PackedDataset(held_out) if len(held_out) else None,
+        train_stats=train.stats,
+        eval_stats=held_out.stats,
+        collator=PackedCollator(mode, tokenizer.pad_token_id or eos_id(tokenizer)),
+        cache_hit=cache_hit,
     )
 
 
-def _tokenize(
-    train: _TokenStream,
-    held_out: _TokenStream,
+def _split(
+    train_dataset: Dataset,
+    validation_dataset: Dataset | None,
+    validation_split: float,
+    seed: int,
+) -> Iterator[tuple[bool, Any]]:
+    """(held out?, record) for every example: the validation dataset's, then the training
+    dataset's with a seeded `validation_split` of them held out when there is none."""
+    mask = None
+    if validation_dataset is not None:
+        for record in iter_records(validation_dataset):
+            yield True, record
+    else:
+        mask = validation_mask(count_examples(train_dataset), validation_split, seed)
+    for index, record in enumerate(iter_records(train_dataset)):
+        # The file cannot change under us (stored files are immutable), so index < len(mask).
+        yield mask is not None and bool(mask[index]), record
+
+
+def _tokenize_text(
+    tokenizer: PreTrainedTokenizerBase,
     train_dataset: Dataset,
     validation_dataset: Dataset | None,
     validation_split: float,
     seed: int,
     on_progress: Callable[[], None],
-) -> None:
-    """Feed every example to its stream: the validation dataset's to `held_out`, else a seeded
-    `validation_split` of the training examples."""
-    if validation_dataset is not None:
-        mask = None
-        for index, text in enumerate(iter_examples(validation_dataset)):
-            held_out.add(text)
+) -> tuple[_TokenStream, _TokenStream]:
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize") as executor:
+        encode = _batch_encoder(tokenizer)
+        train = _TokenStream(encode, eos_id(tokenizer), executor)
+        held_out = _TokenStream(encode, eos_id(tokenizer), executor)
+        split = _split(train_dataset, validation_dataset, validation_split, seed)
+        for index, (is_held_out, record) in enumerate(split):
+            (held_out if is_held_out else train).add(example_text(record))
             if index % TOKENIZE_BATCH == 0:
                 on_progress()
-    else:
-        mask = validation_mask(count_examples(train_dataset), validation_split, seed)
-    for index, text in enumerate(iter_examples(train_dataset)):
-        # The file cannot change under us (stored files are immutable), so index < len(mask).
-        stream = held_out if mask is not None and mask[index] else train
-        stream.add(text)
-        if index % TOKENIZE_BATCH == 0:
-            on_progress()
+        train.flush()
+        held_out.flush()
+    return train, held_out
 
 
-def _eval_blocks(held_out: _TokenStream, block_size: int) -> tuple[PackedBlocks | None, bool]:
-    held_out.flush()
-    if held_out.examples == 0:
-        return None, False
-    blocks = held_out.blocks(block_size)
-    if blocks.shape[0] > 0:
-        return PackedBlocks(blocks), False
-    if len(held_out.ids) < 2:  # a causal LM needs two tokens for one prediction
-        return None, False
-    # Dropping the tail would leave nothing to evaluate on; one shorter block still gives an
-    # honest loss over the held-out tokens.
-    return PackedBlocks(held_out.whole()), True
+def _tokenize_masked(
+    tokenizer: PreTrainedTokenizerBase,
+    train_dataset: Dataset,
+    validation_dataset: Dataset | None,
+    validation_split: float,
+    seed: int,
+    on_progress: Callable[[], None],
+) -> tuple[list[TokenizedExample], list[TokenizedExample]]:
+    shape = train_dataset.shape
+    tokenized: dict[bool, list[TokenizedExample]] = {False: [], True: []}
+    pending: dict[bool, list[Any]] = {False: [], True: []}
+
+    def flush(is_held_out: bool) -> None:
+        if not pending[is_held_out]:
+            return
+        tokenized[is_held_out] += tokenize_examples(tokenizer, pending[is_held_out], shape)
+        pending[is_held_out] = []
+        on_progress()
+
+    for is_held_out, record in _split(train_dataset, validation_dataset, validation_split, seed):
+        pending[is_held_out].append(record)
+        if len(pending[is_held_out]) >= TOKENIZE_BATCH:
+            flush(is_held_out)
+    flush(False)
+    flush(True)
+    return tokenized[False], tokenized[True]
+
+
+def _pack_eval(held_out: _TokenStream, block_size: int) -> PackedData:
+    # A validation set smaller than one block would leave nothing to evaluate on; one shorter
+    # block still gives an honest loss over the held-out tokens.
+    packed = pack_token_stream(held_out.ids, held_out.examples, block_size)
+    if len(packed) == 0 and held_out.examples:
+        return pack_token_stream(held_out.ids, held_out.examples, block_size, keep_tail=True)
+    return packed
+
+
+def _cache_keys(
+    tokenizer: PreTrainedTokenizerBase,
+    dataset: Dataset,
+    block_size: int,
+    options: dict[str, str | int | float | bool | None],
+) -> tuple[str, str]:
+    """One entry per split; the key covers every input the packed rows depend on."""
+    fingerprint = token_cache.tokenizer_fingerprint(tokenizer)
+    return tuple(  # type: ignore[return-value]
+        token_cache.cache_key(
+            dataset_sha256=dataset.sha256,
+            tokenizer_hash=fingerprint,
+            shape=dataset.shape,
+            block_size=block_size,
+            options={**options, "split": split},
+        )
+        for split in ("train", "eval")
+    )
+
+
+def _from_cache(keys: tuple[str, str] | None) -> tuple[PackedData, PackedData] | None:
+    if keys is None:
+        return None
+    train, held_out = token_cache.load(keys[0]), token_cache.load(keys[1])
+    return (train, held_out) if train is not None and held_out is not None else None
 
 
 def steps_per_epoch(blocks: int, batch_size: int, accumulation: int) -> int:

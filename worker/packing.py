@@ -86,10 +86,18 @@ def pack_text(
     """The seed's blocks: all ids concatenated, cut into `block_size` blocks, tail dropped (kept
     as one short last row with `keep_tail`, for a validation set smaller than a block)."""
     ids = array("i")
-    stats = PackStats()
+    count = 0
     for example in examples:
         ids.extend(example.input_ids)
-        stats.examples += 1
+        count += 1
+    return pack_token_stream(ids, count, block_size, keep_tail=keep_tail)
+
+
+def pack_token_stream(
+    ids: array, examples: int, block_size: int, *, keep_tail: bool = False
+) -> PackedData:
+    """`pack_text` for ids already concatenated (each example's followed by EOS)."""
+    stats = PackStats(examples=examples)
     full = len(ids) // block_size * block_size
     end = len(ids) if keep_tail and len(ids) - full >= 2 else full
     lengths = [block_size] * (full // block_size) + ([end - full] if end > full else [])

@@ -11,7 +11,6 @@ complete checkpoint; the checkpoints are deleted once the job has ended.
 
 import gc
 import logging
-import math
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -39,9 +38,12 @@ from shared.schemas import Hyperparameters, JobMetricRead, JobMetrics, JobRead
 from shared.settings import get_settings
 from worker import artifacts, shutdown
 from worker.checkpoints import CheckpointCallback, restore_newest
-from worker.data import PreparedData, prepare_data, steps_per_epoch
+from worker.data import PreparedData
 from worker.errors import HandBack, JobCancelled, JobFailure, LeaseLost, classify
 from worker.lease import Lease, retry_on_outage
+from worker.lora import apply_lora, save_lora
+from worker.masking import DEFAULT_CHAT_TEMPLATE
+from worker.plan import Plan, plan, rendered_examples
 from worker.trainer import (
     BaseModel,
     JobCallback,
@@ -174,10 +176,6 @@ def load_inputs(job_id: str, attempt: int) -> JobInputs:
     deleted = [d for d in (dataset, validation) if d is not None and d.deleted_at is not None]
     if dataset is None or (job.validation_dataset_id and validation is None) or deleted:
         raise JobFailure("dataset_not_found", "the job's dataset was deleted", user_error=True)
-    if job.method != "full":
-        raise JobFailure(
-            "unsupported_method", f"method {job.method!r} is not supported yet", user_error=True
-        )
     try:
         hyperparameters = Hyperparameters.model_validate(job.hyperparameters)
     except ValidationError as exc:
@@ -191,34 +189,45 @@ def load_inputs(job_id: str, attempt: int) -> JobInputs:
 
 def _train(lease: Lease, workdir: Path) -> None:
     inputs = load_inputs(lease.job_id, lease.attempt)
-    job, hp, state = inputs.job, inputs.hyperparameters, RunState()
+    job, state = inputs.job, RunState()
 
     lease.event(f"loading base model {job.base_model}")
     with lease.keep_alive():  # a Hub download can take minutes
-        base = load_base_model(job.base_model, get_settings(), block_size=hp.block_size)
+        base = load_base_model(
+            job.base_model, get_settings(), block_size=inputs.hyperparameters.block_size
+        )
     parameters = sum(p.numel() for p in base.model.parameters())
     lease.event(
         f"base model {job.base_model} loaded ({parameters:,} parameters)",
         data={"base_model": job.base_model, "parameters": parameters, **describe_device()},
     )
     _check(lease)
+    if job.method == "lora":
+        base.model = apply_lora(base.model, job.lora or {})
 
-    data = prepare_data(
+    job_plan = plan(
+        lease,
+        base.model,
         base.tokenizer,
-        inputs.dataset,
-        inputs.validation,
-        job.validation_split,
-        block_size=hp.block_size,
-        seed=hp.seed,
-        on_progress=lease.beat,
+        dataset=inputs.dataset,
+        validation=inputs.validation,
+        validation_split=job.validation_split,
+        hyperparameters=inputs.hyperparameters,
+        method=job.method,
+        truncation=job.truncation,
     )
-    _report_data(lease, data, hp.block_size)
+    inputs.hyperparameters = job_plan.hyperparameters
+    data = job_plan.data
+    _report_plan(lease, job_plan)
     _check(lease)
+    if job.dry_run:
+        _answer_dry_run(lease, inputs, job_plan, base)
+        return
 
     restored = restore_newest(lease, workdir / "resume")
     resumed = restored[0] if restored else None
-    trainer, callback, saver = _make_trainer(lease, base, data, hp, workdir, state, resumed)
-    baseline_samples = _samples(lease, trainer, base, job.eval_prompts, "base model")
+    trainer, callback, saver = _make_trainer(lease, base, job_plan, workdir, state, resumed)
+    baseline_samples = _samples(lease, trainer, base, job, "base model")
     _evaluate(lease, trainer, data, state, stage="baseline")
     _check(lease)
 
@@ -241,7 +250,7 @@ def _train(lease: Lease, workdir: Path) -> None:
     state.metrics["train_loss"] = saver.run_train_loss(output.training_loss, trainer.state)
     state.progress = {**callback.progress(trainer.state), "fraction": 1.0, "eta_seconds": 0.0}
     _evaluate(lease, trainer, data, state, stage="final")
-    tuned_samples = _samples(lease, trainer, base, job.eval_prompts, "fine-tuned model")
+    tuned_samples = _samples(lease, trainer, base, job, "fine-tuned model")
     state.samples = [
         {"prompt": before["prompt"], "base": before["completion"], "tuned": after["completion"]}
         for before, after in zip(baseline_samples, tuned_samples, strict=True)
@@ -251,7 +260,7 @@ def _train(lease: Lease, workdir: Path) -> None:
     package = workdir / "package"
     lease.event("saving the model")
     with lease.keep_alive():
-        _save_model(trainer, base, package / "model")
+        _save_model(trainer, base, job, package)
     lease.event("packaging the artifact")
     with lease.keep_alive():
         finished_at = utcnow()
@@ -263,6 +272,7 @@ def _train(lease: Lease, workdir: Path) -> None:
         "artifact_sha256": sha256,
         "metrics": state.metrics,
         "progress": state.progress,
+        "samples": state.samples,
         "finished_at": finished_at,
     }
 
@@ -277,19 +287,21 @@ def _train(lease: Lease, workdir: Path) -> None:
     checkpoints.delete_all(job.id)
 
 
-def _report_data(lease: Lease, data: PreparedData, block_size: int) -> None:
-    examples = data.train_examples + data.eval_examples
-    blocks = len(data.train) + (len(data.eval) if data.eval is not None else 0)
+def _report_plan(lease: Lease, job_plan: Plan) -> None:
+    report, data = job_plan.report, job_plan.data
+    if data.cache_hit:
+        lease.event("tokenized data reused from the cache (same dataset, tokenizer and options)")
+    message = (
+        f"{report['examples']} examples tokenized into {report['blocks'] + report['eval_blocks']}"
+        f" blocks of up to {job_plan.hyperparameters.block_size} tokens"
+    )
+    if report["truncated"] or report["dropped"]:
+        message += f"; {report['truncated']} truncated, {report['dropped']} dropped (too long)"
+    # The resolved hyperparameters replace any "auto" on the job, so it says what it trains with.
     lease.event(
-        f"{examples} examples tokenized into {blocks} blocks of {block_size} tokens",
-        data={
-            "train_examples": data.train_examples,
-            "train_blocks": len(data.train),
-            "train_tokens": data.train_tokens_total,
-            "eval_examples": data.eval_examples,
-            "eval_blocks": len(data.eval) if data.eval is not None else 0,
-            "eval_tokens": data.eval_tokens_total,
-        },
+        message,
+        data=report,
+        values={"plan": report, "hyperparameters": report["hyperparameters"]},
     )
     if data.eval_is_short_block:
         lease.event(
@@ -299,42 +311,61 @@ def _report_data(lease: Lease, data: PreparedData, block_size: int) -> None:
         )
 
 
+def _answer_dry_run(lease: Lease, inputs: JobInputs, job_plan: Plan, base: BaseModel) -> None:
+    """A dry run ends here: its answer is the plan, with the first examples rendered."""
+    report = {
+        **job_plan.report,
+        "rendered_examples": rendered_examples(base.tokenizer, inputs.dataset),
+    }
+
+    def succeed() -> bool:
+        with session_scope() as session:
+            return jobs.mark_succeeded(
+                session, inputs.job.id, lease.attempt, values={"plan": report}
+            )
+
+    retry_on_outage(succeed, f"recording the dry run of job {inputs.job.id}")
+
+
 def _make_trainer(
     lease: Lease,
     base: BaseModel,
-    data: PreparedData,
-    hp: Hyperparameters,
+    job_plan: Plan,
     workdir: Path,
     state: RunState,
     resumed: Checkpoint | None,
 ) -> tuple[Trainer, JobCallback, CheckpointCallback]:
-    per_epoch = steps_per_epoch(len(data.train), hp.batch_size, hp.gradient_accumulation_steps)
-    total_steps = hp.max_steps or max(1, math.ceil(hp.epochs * per_epoch))
+    hp, data, total_steps = job_plan.hyperparameters, job_plan.data, job_plan.total_steps
     state.training = {
         "total_steps": total_steps,
         "logging_steps": logging_steps(total_steps),
         "train_blocks": len(data.train),
         "eval_blocks": len(data.eval) if data.eval is not None else 0,
-        "train_tokens": data.train.tokens,
+        "train_tokens": data.train_stats.tokens,
         **describe_device(),
     }
-    tokens_per_step = hp.batch_size * hp.gradient_accumulation_steps * hp.block_size
+    # Packed rows may be shorter than a block: count the tokens a step really sees.
+    tokens_per_row = data.train_stats.tokens / max(1, len(data.train))
+    tokens_per_step = round(hp.batch_size * hp.gradient_accumulation_steps * tokens_per_row)
     callback = JobCallback(lease, tokens_per_step)
     # After JobCallback: it sees a stop (cancel, lost claim) first and then saves nothing.
     saver = CheckpointCallback(lease, get_settings().checkpoint_interval_s, resumed)
     args = training_arguments(hp, workdir / "trainer", total_steps)
-    trainer = build_trainer(base.model, args, data.train, data.eval, [callback, saver])
+    trainer = build_trainer(
+        base.model, args, data.train, data.eval, [callback, saver], collator=data.collator
+    )
     return trainer, callback, saver
 
 
 def _samples(
-    lease: Lease, trainer: Trainer, base: BaseModel, prompts: list[str], which: str
+    lease: Lease, trainer: Trainer, base: BaseModel, job: Job, which: str
 ) -> list[dict[str, str]]:
     samples = generate_samples(
         trainer.model,
         base.tokenizer,
-        prompts,
+        job.eval_prompts,
         max_positions=base.max_positions,
+        max_new_tokens=job.eval_max_new_tokens,
         on_progress=lease.beat,
     )
     if samples:
@@ -369,13 +400,25 @@ def _evaluate(
         raise LeaseLost(lease.job_id)
 
 
-def _save_model(trainer: Trainer, base: BaseModel, folder: Path) -> None:
+def _save_model(trainer: Trainer, base: BaseModel, job: Job, package: Path) -> None:
+    """`model/` for a full fine-tune; `adapter/` (and, with `merge`, `model/`) for LoRA."""
+    tokenizer = base.tokenizer
+    if tokenizer.chat_template is None:
+        # Chat data was rendered with the default template: ship it, so the tuned model's
+        # tokenizer renders conversations the way the model learned them.
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
     model = trainer.model
-    model.save_pretrained(folder)
-    base.tokenizer.save_pretrained(folder)
-    if not (folder / "generation_config.json").is_file():
+    if job.method == "lora":
+        merge = bool((job.lora or {}).get("merge"))
+        model = save_lora(model, package, tokenizer, merge=merge, base_model_name=job.base_model)
+        if not merge:
+            return
+    else:
+        model.save_pretrained(package / "model")
+        tokenizer.save_pretrained(package / "model")
+    if not (package / "model" / "generation_config.json").is_file():
         # The contract promises it; models without one get the defaults from their config.
-        GenerationConfig.from_model_config(model.config).save_pretrained(folder)
+        GenerationConfig.from_model_config(model.config).save_pretrained(package / "model")
 
 
 def _write_package(
@@ -397,6 +440,8 @@ def _write_package(
         },
         validation=_validation_text(inputs),
         hyperparameters=inputs.hyperparameters.model_dump(),
+        method=job.method,
+        lora=job.lora,
         training=state.training,
         metrics=state.metrics,
         samples=state.samples,

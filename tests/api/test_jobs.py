@@ -50,6 +50,7 @@ class TestCreateJob:
             "lr_scheduler": "linear",
             "max_steps": None,
             "seed": 42,
+            "compile": False,
         }
         assert job["progress"]["step"] == 0 and job["progress"]["fraction"] == 0.0
         assert job["metrics"]["baseline_eval_loss"] is None

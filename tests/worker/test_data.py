@@ -14,8 +14,8 @@ from shared.settings import get_settings
 from tests.conftest import TINY_MODEL
 from worker.data import (
     iter_examples,
+    iter_records,
     prepare_data,
-    render_example,
     steps_per_epoch,
     validation_mask,
 )
@@ -58,21 +58,17 @@ class TestReading:
         dataset = stored(b"\xef\xbb\xbffirst line\r\n\n   \nsecond  line \nthird")
         assert list(iter_examples(dataset)) == ["first line", "second  line ", "third"]
 
-    def test_jsonl_shapes_render_to_text(self) -> None:
+    def test_jsonl_records_come_as_uploaded(self) -> None:
         rows = [
             {"prompt": "Q: two plus two?", "completion": " A: four"},
             {"prompt": "Q: sky?", "completion": " A: blue"},
         ]
         body = "".join(json.dumps(row) + "\n" for row in rows).encode()
         dataset = stored(body, format="jsonl", shape="prompt_completion")
-        assert list(iter_examples(dataset)) == ["Q: two plus two? A: four", "Q: sky? A: blue"]
+        assert list(iter_records(dataset)) == rows
 
         text = stored(b'{"text": "hello"}\n\n{"text": "world"}\n', format="jsonl")
         assert list(iter_examples(text)) == ["hello", "world"]
-
-    def test_messages_render_each_turn_on_its_own_line(self) -> None:
-        messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
-        assert render_example({"messages": messages}, "messages") == "user: hi\nassistant: hello"
 
     def test_a_corrupt_file_is_a_user_error_naming_the_line(self) -> None:
         dataset = stored(b"good line\nbad \xff line\n")
@@ -153,6 +149,43 @@ class TestPacking:
 
         assert data.eval is not None and data.eval_is_short_block
         assert data.eval.blocks.tolist() == [encode(tokenizer, ["short"])]
+
+    def test_prompt_completion_rows_train_only_completions(
+        self, tokenizer: PreTrainedTokenizerBase
+    ) -> None:
+        rows = [{"prompt": f"question {i}?", "completion": f" answer {i}."} for i in range(12)]
+        body = "".join(json.dumps(row) + "\n" for row in rows).encode()
+        dataset = stored(body, format="jsonl", shape="prompt_completion")
+
+        data = prepare_data(tokenizer, dataset, None, 0.0, block_size=32, seed=0)
+
+        trained: list[int] = []
+        for index in range(len(data.train)):
+            row = data.train[index]
+            trained += [
+                int(t)
+                for t, label in zip(row["input_ids"], row["labels"], strict=True)
+                if label != -100
+            ]
+        eos = tokenizer.eos_token_id
+        # Every completion and its EOS is trained, except a packed example's first token;
+        # no prompt token ever is.
+        completions = [
+            tokenizer(r["completion"], add_special_tokens=False)["input_ids"] + [eos] for r in rows
+        ]
+        assert sorted(trained) == sorted(t for ids in completions for t in ids)
+        assert data.train_stats.examples == 12 and data.train_stats.truncated == 0
+
+    def test_the_cache_serves_a_second_preparation(
+        self, tokenizer: PreTrainedTokenizerBase
+    ) -> None:
+        dataset = stored(("the cat sat on the mat\n" * 40).encode())
+        first = prepare_data(tokenizer, dataset, None, 0.1, block_size=8, seed=0, use_cache=True)
+        again = prepare_data(tokenizer, dataset, None, 0.1, block_size=8, seed=0, use_cache=True)
+        other = prepare_data(tokenizer, dataset, None, 0.1, block_size=16, seed=0, use_cache=True)
+        assert (first.cache_hit, again.cache_hit, other.cache_hit) == (False, True, False)
+        assert again.train.blocks.tolist() == first.train.blocks.tolist()
+        assert again.train_stats == first.train_stats
 
     def test_too_little_data_for_one_block_is_a_user_error(
         self, tokenizer: PreTrainedTokenizerBase

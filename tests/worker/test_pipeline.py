@@ -21,7 +21,7 @@ from shared.settings import Settings
 from tests.conftest import TINY_MODEL
 from tests.worker.conftest import MakeDataset, MakeJob
 from tests.worker.helpers import events_of, learnable_text, load_job, metrics_of
-from worker import pipeline, trainer
+from worker import pipeline, plan, trainer
 
 FULL_RUN = {"epochs": 4, "block_size": 32, "batch_size": 8, "learning_rate": 3e-3, "seed": 7}
 
@@ -225,7 +225,7 @@ class TestFailures:
         def broken(*args: Any, **kwargs: Any) -> None:
             raise KeyError("wiring")
 
-        monkeypatch.setattr(pipeline, "prepare_data", broken)
+        monkeypatch.setattr(plan, "prepare_data", broken)  # planning tokenizes the data
         job_id, attempt = make_job(make_dataset(learnable_text(40)), block_size=32)
 
         pipeline.run(job_id, attempt)  # returns normally
