@@ -39,6 +39,9 @@ class Settings(BaseSettings):
         default=300, gt=0, description="Send the doorbell again for a job queued this long."
     )
     sweep_interval_s: float = Field(default=10, gt=0, description="How often the sweeper looks.")
+    dry_run_wait_s: float = Field(
+        default=30, ge=0, description="How long POST /jobs waits for a dry run's answer."
+    )
     broker_visibility_timeout_s: float = Field(
         default=3600,
         gt=0,
