@@ -12,7 +12,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from api.errors import APIError, not_found
-from shared.db import new_session
+from shared.db import new_session, read_session
 from shared.keys import authenticate
 from shared.models import Dataset, Job
 
@@ -62,8 +62,15 @@ def _remember(token_digest: str, principal: Principal) -> None:
     _verified[token_digest] = (principal, time.monotonic() + VERIFIED_TTL_S)
 
 
+def _verify(token: str) -> Principal | None:
+    # A session of its own rather than the request's: a route that needs no session of its
+    # own (a polled GET) then makes none, and the key lookup opens no transaction.
+    with read_session() as session:
+        key = authenticate(session, token)
+    return Principal(project_id=key.project_id, key_id=key.id) if key else None
+
+
 async def get_principal(
-    session: SessionDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
     challenge = {"WWW-Authenticate": "Bearer"}
@@ -77,10 +84,9 @@ async def get_principal(
     token_digest = hashlib.sha256(credentials.credentials.encode()).hexdigest()
     if principal := _remembered(token_digest):
         return principal
-    key = await run_in_threadpool(authenticate, session, credentials.credentials)
-    if key is None:
+    principal = await run_in_threadpool(_verify, credentials.credentials)
+    if principal is None:
         raise APIError(401, "invalid_api_key", "the API key is not valid", headers=challenge)
-    principal = Principal(project_id=key.project_id, key_id=key.id)
     _remember(token_digest, principal)
     return principal
 
@@ -113,5 +119,22 @@ def get_job(
     return job
 
 
+def _owned_job(project_id: str, job_id: str) -> Job | None:
+    with read_session() as session:
+        job = session.get(Job, job_id)
+    return job if job is not None and job.project_id == project_id else None
+
+
+async def read_job(principal: PrincipalDep, job_id: Annotated[str, Path(max_length=64)]) -> Job:
+    """The job as it is now, for a route that only shows it: one thread hop and one query, no
+    request session or transaction (the path of every client that polls a job)."""
+    job = await run_in_threadpool(_owned_job, principal.project_id, job_id)
+    if job is None:
+        raise not_found("job", job_id)
+    return job
+
+
 DatasetDep = Annotated[Dataset, Depends(get_dataset)]
 JobDep = Annotated[Job, Depends(get_job)]
+# Detached from any session: read it, never change it.
+JobSnapshotDep = Annotated[Job, Depends(read_job)]

@@ -11,7 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from api.base_models import local_config, max_positions
-from api.deps import JobDep, PrincipalDep, SessionDep, owned_dataset
+from api.deps import JobDep, JobSnapshotDep, PrincipalDep, SessionDep, owned_dataset
 from api.errors import RESOURCE_ERRORS, APIError, documented
 from api.pagination import list_of, newest_first
 from shared import checkpoints
@@ -57,12 +57,25 @@ def _check_base_model(body: JobCreate) -> None:
 
 
 def _check_datasets(session: SessionDep, principal: PrincipalDep, body: JobCreate) -> None:
+    shapes = []
     for param in ("dataset_id", "validation_dataset_id"):
         dataset_id = getattr(body, param)
-        if dataset_id is not None and owned_dataset(session, principal, dataset_id) is None:
+        if dataset_id is None:
+            continue
+        dataset = owned_dataset(session, principal, dataset_id)
+        if dataset is None:
             raise APIError(
                 422, "dataset_not_found", f"no dataset with id {dataset_id!r}", param=param
             )
+        shapes.append(dataset.shape)
+    if len(set(shapes)) > 1:
+        raise APIError(
+            422,
+            "dataset_shapes_differ",
+            f"the validation dataset has the {shapes[1]} shape, the training dataset the "
+            f"{shapes[0]} shape; they must match",
+            param="validation_dataset_id",
+        )
 
 
 def _request_digest(body: JobCreate) -> str:
@@ -179,7 +192,7 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobRead)
-async def get_job(job: JobDep) -> Response:
+async def get_job(job: JobSnapshotDep) -> Response:
     """Read a job: status, progress, metrics, error and artifact."""
     # The hot path of every client that polls: serialized once, not validated again.
     return Response(JobRead.from_row(job).model_dump_json(), media_type="application/json")

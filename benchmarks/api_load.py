@@ -5,7 +5,7 @@ The load generator is wrk (its own process; `apt-get install -y wrk`), 2 threads
 connections, `--latency` for p50/p99. Runs alternate (service GET, bare GET, service POST) so
 the noisy machine treats them alike.
 
-    python benchmarks/api_load.py [--runs 3] [--seconds 10] [--workers 1]
+    python benchmarks/api_load.py [--runs 3] [--seconds 10] [--workers 1] [--access-log]
 """
 
 import argparse
@@ -70,12 +70,15 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--workers", type=int, default=1, help="uvicorn processes, both servers")
+    parser.add_argument("--access-log", action="store_true", help="uvicorn's access log, both")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed: apt-get install -y wrk")
     print_header(
-        f"API: wrk -t2 -c{args.connections} -d{args.seconds}s, uvicorn workers={args.workers}"
+        f"API: wrk -t2 -c{args.connections} -d{args.seconds}s, uvicorn workers={args.workers}, "
+        f"access log {'on' if args.access_log else 'off'}"
     )
+    log_args = ["--access-log"] if args.access_log else []
 
     with tempfile.TemporaryDirectory(prefix="tunery-bench-api-") as folder_name:
         folder = Path(folder_name)
@@ -92,6 +95,7 @@ def main() -> None:
                     str(port),
                     "--workers",
                     str(args.workers),
+                    *log_args,
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -101,7 +105,7 @@ def main() -> None:
         try:
             wait_http(f"{bare_url}/constant")
             with service_stack(
-                models_dir=folder / "models", api_args=["--workers", str(args.workers)]
+                models_dir=folder / "models", api_args=["--workers", str(args.workers), *log_args]
             ) as stack:
                 with httpx.Client(base_url=stack.base_url, headers=stack.headers) as client:
                     files = {"file": ("d.txt", b"hello world\n" * 100)}

@@ -1,12 +1,12 @@
 """The bare baselines: a FastAPI app with a constant endpoint and a raw upload receiver, served
 by uvicorn with exactly the settings `tunery api` uses (`uvicorn.run(..., log_level="info")`,
-access log on, one process unless `--workers`).
+access log off unless `--access-log`, one process unless `--workers`).
 
 - `GET /constant` returns `{"status": "ok"}` (the API benchmark's baseline).
 - `POST /upload` streams the raw request body (the whole multipart body as curl sends it) to a
   file in `--upload-dir`, with no parsing, hashing or validation (the upload baseline).
 
-    python benchmarks/bare_app.py --port 8001 [--workers 2] [--upload-dir DIR]
+    python benchmarks/bare_app.py --port 8001 [--workers 2] [--access-log] [--upload-dir DIR]
 """
 
 import argparse
@@ -45,6 +45,7 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--access-log", action="store_true")
     parser.add_argument("--upload-dir", default=".")
     args = parser.parse_args()
     os.environ["BARE_UPLOAD_DIR"] = args.upload_dir
@@ -55,6 +56,7 @@ def main() -> None:
         port=args.port,
         workers=args.workers,
         log_level="info",
+        access_log=args.access_log,
         app_dir=str(Path(__file__).resolve().parent),
     )
 

@@ -178,6 +178,15 @@ class TestCreateJob:
         )
         assert_error(response, 422, "invalid_request")
 
+    def test_validation_data_must_have_the_training_shape(self, client, auth_headers, dataset_id):
+        chat = client.post(
+            "/datasets",
+            headers=auth_headers,
+            files={"file": ("c.jsonl", b'{"prompt": "a", "completion": "b"}\n')},
+        ).json()["id"]
+        response = create(client, auth_headers, dataset_id=dataset_id, validation_dataset_id=chat)
+        assert_error(response, 422, "dataset_shapes_differ", "validation_dataset_id")
+
     def test_another_projects_dataset_is_not_found(
         self, client, auth_headers, other_auth_headers, dataset_id
     ):
