@@ -19,7 +19,21 @@ from _common import machine, median, print_header, print_table, service_stack
 
 from tests.tiny_model import build_tiny_model
 
-WORDS = "the model learns from data that services upload and train on every day".split()
+WORDS = [
+    "the",
+    "model",
+    "learns",
+    "from",
+    "data",
+    "that",
+    "services",
+    "upload",
+    "and",
+    "train",
+    "on",
+    "every",
+    "day",
+]
 
 
 def dataset(shape: str, megabytes: int, seed: int) -> bytes:

@@ -145,9 +145,18 @@ def _labels_from_spans(
 
 
 def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], **kwargs: Any) -> Any:
-    return tokenizer(
-        texts, add_special_tokens=False, return_attention_mask=False, verbose=False, **kwargs
-    )
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if kwargs or not hasattr(backend, "encode_batch_fast"):
+        return tokenizer(
+            texts, add_special_tokens=False, return_attention_mask=False, verbose=False, **kwargs
+        )
+    tokenizer(texts[:1], add_special_tokens=False, return_attention_mask=False, verbose=False)
+    # The call above left the Rust backend as `tokenizer(...)` sets it (no truncation, no
+    # padding); asking it directly for ids skips the offsets and a Python object per example,
+    # which cost more than the tokenizing itself. Same ids (tests/worker/test_masking.py).
+    return {
+        "input_ids": [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+    }
 
 
 def tokenize_examples(
