@@ -50,11 +50,13 @@ class Lease:
     """Throttled heartbeats and cancel polls for one job attempt.
 
     `heartbeat_interval_s` keeps the row fresh well inside the sweeper's timeout;
-    `poll_interval_s` bounds how often a busy training loop reads `cancel_requested`.
+    `poll_interval_s` bounds how often a busy training loop reads `cancel_requested`. It is 0:
+    a cancel stops training within one optimizer step, as the API promises, for one indexed
+    read per step (a fraction of a millisecond, against steps of tens of milliseconds on a GPU).
     """
 
     heartbeat_interval_s: float = 2.0
-    poll_interval_s: float = 1.0
+    poll_interval_s: float = 0.0
 
     def __init__(self, job_id: str, attempt: int) -> None:
         self.job_id = job_id

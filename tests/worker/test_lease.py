@@ -22,7 +22,7 @@ def claimed(settings: Settings, make_dataset: MakeDataset, make_job: MakeJob) ->
     return make_job(make_dataset(learnable_text(10)), block_size=32)
 
 
-def test_heartbeats_and_polls_are_throttled(
+def test_heartbeats_are_throttled_and_the_cancel_flag_is_read_every_step(
     claimed: tuple[str, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     job_id, attempt = claimed
@@ -40,7 +40,8 @@ def test_heartbeats_and_polls_are_throttled(
         lease.poll()
         lease.beat({"step": step})
 
-    assert len(opened) == 2  # one poll and one heartbeat, not one per step
+    # One heartbeat, not one per step; a poll per step, so a cancel stops within one step.
+    assert len(opened) == 200 + 1
     assert load_job(job_id).progress == {"step": 0}
 
 
