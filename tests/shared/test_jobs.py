@@ -7,39 +7,13 @@ from sqlalchemy import select
 
 from shared import jobs
 from shared.db import session_scope
-from shared.keys import project_named
-from shared.models import Dataset, Job, JobEvent
+from shared.models import Job, JobEvent
+from tests.rows import queued_job
 
 
 @pytest.fixture
 def job_id(settings) -> str:
-    with session_scope() as session:
-        project = project_named(session, "alpha")
-        dataset = Dataset(
-            project_id=project.id,
-            filename="d.txt",
-            format="text",
-            shape="text",
-            bytes=1,
-            sha256="0" * 64,
-            examples=1,
-        )
-        session.add(dataset)
-        session.flush()
-        job = Job(
-            project_id=project.id,
-            base_model="m",
-            dataset_id=dataset.id,
-            validation_split=0.1,
-            method="full",
-            hyperparameters={},
-            eval_prompts=[],
-            metadata_={},
-            progress={},
-            metrics={},
-        )
-        jobs.add_queued(session, job)
-        return job.id
+    return queued_job()
 
 
 def status_of(job_id: str) -> str:

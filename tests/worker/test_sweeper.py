@@ -7,39 +7,13 @@ from sqlalchemy import select, update
 
 from shared import jobs
 from shared.db import session_scope
-from shared.keys import project_named
-from shared.models import Dataset, Job, JobEvent, utcnow
+from shared.models import Job, JobEvent, utcnow
+from tests.rows import queued_job
 from worker.sweeper import sweep
 
 
 def new_job() -> str:
-    with session_scope() as session:
-        project = project_named(session, "alpha")
-        dataset = Dataset(
-            project_id=project.id,
-            filename="d.txt",
-            format="text",
-            shape="text",
-            bytes=1,
-            sha256="0" * 64,
-            examples=1,
-        )
-        session.add(dataset)
-        session.flush()
-        job = Job(
-            project_id=project.id,
-            base_model="m",
-            dataset_id=dataset.id,
-            validation_split=0.1,
-            method="full",
-            hyperparameters={},
-            eval_prompts=[],
-            metadata_={},
-            progress={},
-            metrics={},
-        )
-        jobs.add_queued(session, job)
-        return job.id
+    return queued_job()
 
 
 def age(job_id: str, seconds: float, *columns: str) -> None:
