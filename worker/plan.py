@@ -20,7 +20,7 @@ from shared.models import Dataset
 from shared.schemas import Hyperparameters
 from worker.auto_hyperparameters import resolve
 from worker.collate import Mode, collator_mode
-from worker.data import PreparedData, iter_records, prepare_data
+from worker.data import PreparedData, iter_records, prepare_data, steps_per_epoch
 from worker.lease import Lease
 from worker.masking import render_marked, tokenize_example
 from worker.trainer import describe_device, use_bf16
@@ -41,7 +41,7 @@ def training_steps(rows: int, hp: Hyperparameters) -> int:
     """Optimizer steps, as Trainer counts them (max_steps wins over epochs)."""
     if hp.max_steps:
         return hp.max_steps
-    per_epoch = max(math.ceil(rows / int(hp.batch_size)) // hp.gradient_accumulation_steps, 1)
+    per_epoch = steps_per_epoch(rows, int(hp.batch_size), hp.gradient_accumulation_steps)
     return max(1, math.ceil(float(hp.epochs) * per_epoch))
 
 
