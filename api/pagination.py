@@ -1,13 +1,11 @@
 """Cursor pagination, newest first: ids sort by creation time, so `after` is just an id."""
 
-from typing import Any, TypeVar
+from typing import Any
 
 from sqlalchemy import Select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from shared.schemas import ListRead
-
-Row = TypeVar("Row")
 
 
 def newest_first(
