@@ -7,12 +7,16 @@ into a storage file that is renamed into place only when everything passed. Star
 parsing is not used because it spools the whole file before the route runs.
 """
 
+import asyncio
 import hashlib
 import io
 import logging
 import re
+import threading
 import unicodedata
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_all
 from contextlib import ExitStack
 from typing import Annotated, Any, BinaryIO
 from urllib.parse import quote
@@ -114,6 +118,12 @@ class _Upload:
         self.filename: str | None = None
         self.format: str | None = None
         self.complete = False
+        # One batch at a time (`write`, `finish`); `abort` waits for the one in progress.
+        self._busy = threading.Lock()
+        # The file's bytes are hashed and written here, in order, beside the validator that
+        # runs in the caller's thread (hashlib and file writes release the GIL).
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="upload-store")
+        self._stores: list[Future[None]] = []
         self._files = ExitStack()
         self._sink: BinaryIO | None = None
         self._part: str | None = None
@@ -136,15 +146,35 @@ class _Upload:
         )
 
     def write(self, data: bytes) -> None:
-        try:
-            self._parser.write(data)
-        except DatasetError as error:
-            raise _invalid_dataset(error) from None
-        except FormParserError as error:
-            raise _malformed(f"the multipart body is malformed: {error}") from None
+        """Parse one batch of the body; returns once its file bytes are validated, hashed and
+        written (so at most this batch is held), raising the first error in body order."""
+        with self._busy:
+            try:
+                self._parser.write(data)
+            except DatasetError as error:
+                raise _invalid_dataset(error) from None
+            except FormParserError as error:
+                raise _malformed(f"the multipart body is malformed: {error}") from None
+            finally:
+                stores, self._stores = self._stores, []
+                wait_all(stores)
+            for store in stores:
+                store.result()  # a failed write of bytes that validated
+
+    def _store(self, piece: bytes) -> None:
+        assert self._sink is not None
+        self.sha256.update(piece)
+        self._sink.write(piece)
 
     def finish(self) -> DatasetSummary:
         """Check the whole form, then move the file into place."""
+        with self._busy:
+            try:
+                return self._finish()
+            finally:
+                self._writer.shutdown()
+
+    def _finish(self) -> DatasetSummary:
         if not self.complete:
             raise _malformed("the multipart body ended before its closing boundary")
         if self.filename is None:
@@ -162,8 +192,12 @@ class _Upload:
         return summary
 
     def abort(self, error: BaseException) -> None:
-        """Remove the partial file (an error passed into `open_write` skips the rename)."""
-        self._files.__exit__(type(error), error, error.__traceback__)
+        """Remove the partial file (an error passed into `open_write` skips the rename). A
+        batch still in its thread (the request was cancelled) is waited for first: at most one
+        batch's work, so the file is never closed under a write."""
+        with self._busy:
+            self._writer.shutdown()
+            self._files.__exit__(type(error), error, error.__traceback__)
 
     def _on_part_begin(self) -> None:
         self._headers = {}
@@ -207,8 +241,7 @@ class _Upload:
             self.bytes += len(piece)
             if self.bytes > self.limit:
                 raise _too_large(self.limit)
-            self.sha256.update(piece)
-            self._sink.write(piece)
+            self._stores.append(self._writer.submit(self._store, piece))
             self.validator.feed(piece)
         elif self._part == "format":
             self._field += data[start:end]
@@ -252,23 +285,52 @@ def _boundary(request: Request) -> bytes:
 
 
 async def _receive(request: Request, upload: _Upload, limit: int) -> DatasetSummary:
-    """Feed the body to the upload in batches; stop at the first error."""
+    """Feed the body to the upload in batches; stop at the first error.
+
+    One batch is processed in a thread while the next one is read from the socket, so the
+    network and the processing overlap with at most two batches in memory. An error in the
+    batch in the thread is raised as soon as it is seen, and comes before any error found
+    later in the body (the limit, a disconnect), as if the batches had run one by one.
+    """
     received = 0
     batch: list[bytes] = []
     batch_bytes = 0
+    pending: asyncio.Future[None] | None = None
     try:
-        async for chunk in request.stream():
-            received += len(chunk)
-            # Counted here too, so a body that is all form overhead or junk cannot run forever.
-            if received > limit + FORM_OVERHEAD_BYTES:
-                raise _too_large(limit)
-            batch.append(chunk)
-            batch_bytes += len(chunk)
-            if batch_bytes >= BATCH_BYTES:
-                await run_in_threadpool(upload.write, b"".join(batch))
-                batch, batch_bytes = [], 0
-    except ClientDisconnect:
-        raise APIError(400, "client_disconnected", "the client went away mid-upload") from None
+        try:
+            async for chunk in request.stream():
+                if pending is not None and pending.done():
+                    pending, done = None, pending
+                    done.result()
+                received += len(chunk)
+                # Counted here too, so a body that is all form overhead or junk cannot run
+                # forever.
+                if received > limit + FORM_OVERHEAD_BYTES:
+                    raise _too_large(limit)
+                batch.append(chunk)
+                batch_bytes += len(chunk)
+                if batch_bytes >= BATCH_BYTES:
+                    if pending is not None:
+                        pending, running = None, pending
+                        await running
+                    data = b"".join(batch)
+                    batch, batch_bytes = [], 0
+                    pending = asyncio.ensure_future(run_in_threadpool(upload.write, data))
+        except ClientDisconnect:
+            raise APIError(400, "client_disconnected", "the client went away mid-upload") from None
+        if pending is not None:
+            pending, running = None, pending
+            await running
+    except Exception:
+        if pending is not None:
+            # The earlier bytes' own error wins; the thread is done before the file is removed.
+            pending, running = None, pending
+            await running
+        raise
+    except BaseException:
+        if pending is not None:  # cancelled: `abort` waits for the thread; see its result
+            pending.add_done_callback(lambda done: done.cancelled() or done.exception())
+        raise
     if batch:
         await run_in_threadpool(upload.write, b"".join(batch))
     return await run_in_threadpool(upload.finish)

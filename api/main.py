@@ -6,10 +6,12 @@ from fastapi import FastAPI
 
 from api import artifacts, checkpoints, datasets, health, jobs
 from api.errors import install_error_handlers
+from api.memory import keep_freed_buffers
 
 
 def create_app() -> FastAPI:
     logging.basicConfig(level=logging.INFO)
+    keep_freed_buffers()
     app = FastAPI(
         title="Tunery",
         version="1",
