@@ -39,6 +39,18 @@ def start(args: list[str], environment: dict[str, str], log: Path) -> subprocess
         )
 
 
+def make_key(environment: dict[str, str], name: str = "tests") -> str:
+    """A new API key from `tunery keys create`, which prints it alone on its last line."""
+    result = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "keys", "create", name],
+        env=environment,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return result.stdout.strip().splitlines()[-1]
+
+
 def stop(process: subprocess.Popen[bytes], timeout: float = 30) -> int:
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGTERM)

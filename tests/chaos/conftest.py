@@ -23,8 +23,8 @@ from shared.db import engine_for
 from shared.models import Job, JobEvent
 from tests.e2e.client import TuneryClient
 from tests.e2e.conftest import home, postgres_url, pytest_runtest_makereport, redis_url  # noqa: F401
-from tests.e2e.test_training import learnable_text, make_key
-from tests.processes import running_api, start, stop, tunery_environment, wait_for
+from tests.e2e.test_training import learnable_text
+from tests.processes import make_key, running_api, start, stop, tunery_environment, wait_for
 
 TINY = "tiny-gpt2"
 WIDE = "wide-gpt2"  # ~3.5M parameters: a checkpoint takes long enough to kill in the middle

@@ -4,8 +4,6 @@ Redis: masked prompt/completion and chat jobs, LoRA, dry runs, samples and the t
 import io
 import json
 import random
-import subprocess
-import sys
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +17,7 @@ from shared.migrate import upgrade
 from tests.chat_model import build_chat_model
 from tests.conftest import TINY_MODEL, _drop_postgres_database, _fresh_postgres_database
 from tests.e2e.client import TuneryClient
-from tests.processes import running_api, running_worker, tunery_environment
+from tests.processes import make_key, running_api, running_worker, tunery_environment
 
 FIXED = " the answer is always the same sentence."
 
@@ -73,17 +71,7 @@ def client(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         broker_url=redis_url,
         models_dir=str(models_dir),
     )
-    token = (
-        subprocess.run(
-            [sys.executable, "-m", "shared.cli", "keys", "create", "fitting"],
-            env=environment,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        .stdout.strip()
-        .splitlines()[-1]
-    )
+    token = make_key(environment, "fitting")
     try:
         with (
             running_api(environment, folder / "api.log") as base_url,
@@ -157,7 +145,9 @@ class TestChat:
 
 
 class TestLora:
-    def test_lora_with_merge_ships_an_adapter_and_a_merged_model_that_agree(self, client, tmp_path):
+    def test_lora_with_merge_ships_an_adapter_and_a_merged_model_that_agree(
+        self, client, models_dir, tmp_path
+    ):
         dataset = client.upload(jsonl(noise_prompts(80, seed=9)), filename="lora.jsonl")
         job = client.create_job(
             base_model=TINY_MODEL,
@@ -184,7 +174,7 @@ class TestLora:
         assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 4
         from peft import PeftModel
 
-        base = AutoModelForCausalLM.from_pretrained(client_models_dir(client) / TINY_MODEL)
+        base = AutoModelForCausalLM.from_pretrained(models_dir / TINY_MODEL)
         adapted = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
         merged = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
         ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
@@ -239,15 +229,3 @@ class TestDryRun:
         assert finished["plan"]["cache_hit"] is True
         messages = [event["message"] for event in client.events(job["id"])]
         assert any("reused from the cache" in message for message in messages)
-
-
-def client_models_dir(client: TuneryClient) -> Path:
-    return _MODELS_DIR[0]
-
-
-_MODELS_DIR: list[Path] = []
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _remember_models_dir(models_dir: Path) -> None:
-    _MODELS_DIR.append(models_dir)

@@ -6,22 +6,8 @@ from pathlib import Path
 from shared.jobs import UNFINISHED
 from tests.conftest import TINY_MODEL
 from tests.e2e.client import TuneryClient
-from tests.processes import running_api, running_worker, tunery_environment
+from tests.processes import make_key, running_api, running_worker, tunery_environment
 from tests.seed_data import TECH_NEWS
-
-
-def make_key(environment: dict[str, str]) -> str:
-    import subprocess
-    import sys
-
-    output = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "keys", "create", "e2e"],
-        env=environment,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return output.strip().splitlines()[-1]
 
 
 def claim_through_the_queue(environment: dict[str, str], tmp_path: Path) -> None:

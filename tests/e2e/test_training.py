@@ -18,6 +18,7 @@ from tests.conftest import TINY_MODEL
 from tests.e2e.client import TuneryClient
 from tests.processes import (
     free_port,
+    make_key,
     running_api,
     running_worker,
     stop,
@@ -37,17 +38,6 @@ def learnable_text(lines: int = 240) -> bytes:
         for i in range(lines)
     ]
     return ("\n".join(rows) + "\n").encode()
-
-
-def make_key(environment: dict[str, str]) -> str:
-    result = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "keys", "create", "e2e"],
-        env=environment,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return result.stdout.strip().splitlines()[-1]
 
 
 def train_and_verify(client: TuneryClient, tmp_path: Path) -> dict:
