@@ -146,7 +146,7 @@ def run_once(args: argparse.Namespace, models: Path, config: GPT2Config) -> dict
         "parameters": parameters,
         "bf16": training_args.bf16,
         "optim": getattr(training_args.optim, "value", str(training_args.optim)),
-        "tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+        "tf32": bool(training_args.tf32),
         "torch_compile": bool(training_args.torch_compile),
         "dataloader_workers": training_args.dataloader_num_workers,
         "pin_memory": training_args.dataloader_pin_memory,
