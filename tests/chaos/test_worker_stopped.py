@@ -61,11 +61,15 @@ class TestStoppedWorker:
             stack.wait_step(job_id, resumed.resumed_from_step + 2)
         finally:
             stack.kill_group(first, signal.SIGCONT)
-        wait_for(
-            lambda: "lost its claim; stopped without writing" in stack.log("first").read_text(),
-            timeout=60,
-            what="the paused worker to notice",
-        )
+        try:
+            wait_for(
+                lambda: "lost its claim; stopped without writing" in stack.log("first").read_text(),
+                timeout=60,
+                what="the paused worker to notice",
+            )
+        except TimeoutError as error:  # say what the paused worker did instead
+            tail = stack.log("first").read_text()[-4000:]
+            raise AssertionError(f"{error}; the paused worker's log ends with:\n{tail}") from error
         finished = stack.client.wait(job_id, timeout=180)
         assert finished["status"] == "succeeded" and finished["attempt"] == 2
         messages = stack.messages(job_id)
