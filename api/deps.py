@@ -4,17 +4,15 @@ import hashlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import Depends, Path
+from fastapi import Depends, Path, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy import Engine, Row, bindparam, select
 from sqlalchemy.orm import Session
 
 from api.errors import APIError, not_found
-from shared.db import get_engine, new_session, read_session
+from shared.db import new_session, read_session
 from shared.keys import authenticate
 from shared.models import Dataset, Job
 
@@ -121,32 +119,13 @@ def get_job(
     return job
 
 
-# Every column of a job, each under its attribute's name (`metadata_`), so that a row reads
-# like a `Job`: a Core select, without the ORM's identity map and object loading per request.
-_JOB_TABLE = Job.__table__
-_JOB_BY_ID = select(
-    *(_JOB_TABLE.c[prop.columns[0].name].label(prop.key) for prop in Job.__mapper__.column_attrs)
-).where(_JOB_TABLE.c.id == bindparam("job_id"))
-
-
-@lru_cache(maxsize=8)
-def _autocommit(engine: Engine) -> Engine:
-    """The engine's pool, each statement standing alone (as in `read_session`)."""
-    return engine.execution_options(isolation_level="AUTOCOMMIT")
-
-
-def _owned_job(project_id: str, job_id: str) -> Row | None:
-    with _autocommit(get_engine()).connect() as connection:
-        job = connection.execute(_JOB_BY_ID, {"job_id": job_id}).first()
-    return job if job is not None and job.project_id == project_id else None
-
-
-async def read_job(principal: PrincipalDep, job_id: Annotated[str, Path(max_length=64)]) -> Row:
-    """The job as it is now, for a route that only shows it: one thread hop and one query, no
-    request session or transaction (the path of every client that polls a job). A row with a
-    `Job`'s attribute names, not a `Job`."""
-    job = await run_in_threadpool(_owned_job, principal.project_id, job_id)
-    if job is None:
+async def read_job(
+    request: Request, principal: PrincipalDep, job_id: Annotated[str, Path(max_length=64)]
+) -> Any:
+    """The job as it is now, for a route that only shows it (`api/job_reads.py`): a row with
+    a `Job`'s attribute names, not a `Job`."""
+    job = await request.app.state.job_reader.get(job_id)
+    if job is None or job.project_id != principal.project_id:
         raise not_found("job", job_id)
     return job
 
@@ -154,4 +133,4 @@ async def read_job(principal: PrincipalDep, job_id: Annotated[str, Path(max_leng
 DatasetDep = Annotated[Dataset, Depends(get_dataset)]
 JobDep = Annotated[Job, Depends(get_job)]
 # A read-only row with the job's attributes: show it, never change it.
-JobSnapshotDep = Annotated[Row, Depends(read_job)]
+JobSnapshotDep = Annotated[Any, Depends(read_job)]

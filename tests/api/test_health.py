@@ -1,5 +1,7 @@
 """Liveness, readiness and Prometheus metrics."""
 
+import time
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -50,6 +52,21 @@ class TestReadyz:
         response = client.get("/jobs", headers={"Authorization": "Bearer tny_x_y"})
         assert response.status_code == 503
         assert response.json()["error"]["code"] == "database_unavailable"
+
+    def test_a_polled_job_answers_503_while_the_database_is_away(
+        self, settings, monkeypatch, auth_headers
+    ):
+        # The key is remembered from a request made while the database was up, so the job
+        # read itself (`api/job_reads.py`, its own pool on PostgreSQL) meets the outage.
+        with app_with(monkeypatch) as client:
+            assert client.get("/jobs/job_x", headers=auth_headers).status_code == 404
+        away = "postgresql+psycopg://postgres@127.0.0.1:1/none"
+        with app_with(monkeypatch, TUNERY_DATABASE_URL=away) as client:
+            started = time.monotonic()
+            response = client.get("/jobs/job_x", headers=auth_headers)
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "database_unavailable"
+        assert time.monotonic() - started < 10  # no hang
 
 
 class TestMetrics:
