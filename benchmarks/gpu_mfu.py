@@ -83,6 +83,37 @@ class Stopwatch(TrainerCallback):
             self.marks[state.global_step] = time.perf_counter()
 
 
+class StepProfiler(TrainerCallback):
+    """`torch.profiler` over `active` optimizer steps after `skip`: where a step's time goes."""
+
+    def __init__(self, skip: int, active: int) -> None:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self.profiler = torch.profiler.profile(
+            activities=activities,
+            schedule=torch.profiler.schedule(wait=skip, warmup=2, active=active, repeat=1),
+        )
+        self.active = active
+
+    def on_train_begin(self, *_: Any, **__: Any) -> None:
+        self.profiler.start()
+
+    def on_step_end(self, *_: Any, **__: Any) -> None:
+        self.profiler.step()
+
+    def on_train_end(self, *_: Any, **__: Any) -> None:
+        self.profiler.stop()
+
+    def report(self) -> str:
+        """Top operators by device time, and the device's busy share of the profiled steps."""
+        events = self.profiler.key_averages()
+        sort_by = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        busy_us = sum(event.self_device_time_total for event in events)
+        table = events.table(sort_by=sort_by, row_limit=30)
+        return f"device time per step: {busy_us / self.active / 1e3:.2f} ms\n{table}"
+
+
 def flops_per_token(config: GPT2Config, block_size: int, parameters: int) -> float:
     head = config.n_embd // config.n_head
     non_position = parameters - config.n_positions * config.n_embd
@@ -97,13 +128,17 @@ def build_model(folder: Path, args: argparse.Namespace) -> GPT2Config:
     tokenizer = _train_tokenizer()
     config.vocab_size = args.vocab_size or (len(tokenizer) if args.smoke else 50257)
     config.bos_token_id = config.eos_token_id = tokenizer.eos_token_id
+    if args.dropout is not None:  # GPT-2's own config has 0.1 (llm.c trains with none)
+        config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = args.dropout
     torch.manual_seed(0)
     GPT2LMHeadModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return config
 
 
-def run_once(args: argparse.Namespace, models: Path, config: GPT2Config) -> dict[str, Any]:
+def run_once(
+    args: argparse.Namespace, models: Path, config: GPT2Config, profile: bool = False
+) -> dict[str, Any]:
     settings = Settings(models_dir=models, home=models.parent / "home")
     base = load_base_model("gpt2-124m", settings, block_size=args.block_size)
     extra = {"compile": True} if args.compile else {}
@@ -127,13 +162,18 @@ def run_once(args: argparse.Namespace, models: Path, config: GPT2Config) -> dict
     tokens_per_step = args.batch_size * args.block_size
     callback = JobCallback(StandInLease(), tokens_per_step)  # type: ignore[arg-type]
     watch = Stopwatch(args.warmup, args.steps)
+    profiler = StepProfiler(args.warmup, 10) if profile else None
     with tempfile.TemporaryDirectory() as output:
         training_args = training_arguments(hp, Path(output), args.steps)
         trainer = build_trainer(base.model, training_args, PackedBlocks(blocks), None, [callback])
         trainer.add_callback(watch)
+        if profiler is not None:
+            trainer.add_callback(profiler)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         trainer.train()
+    if profiler is not None:
+        Path(args.profile).write_text(profiler.report())
     seconds = watch.marks[args.steps] - watch.marks[args.warmup]
     tokens_per_second = tokens_per_step * (args.steps - args.warmup) / seconds
     parameters = sum(p.numel() for p in base.model.parameters())
@@ -165,6 +205,8 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=None)
     parser.add_argument("--vocab-size", type=int, default=None, help="e.g. 50304 (padded)")
     parser.add_argument("--compile", action="store_true", help="the `compile` hyperparameter")
+    parser.add_argument("--dropout", type=float, default=None, help="all three GPT-2 dropouts")
+    parser.add_argument("--profile", help="profile 10 steps of the last run, write the table here")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--peak-tflops", type=float, default=H200_BF16_DENSE_TFLOPS)
     parser.add_argument("--json", help="also write the results here")
@@ -187,7 +229,8 @@ def main() -> None:
         models = Path(folder_name) / "models"
         config = build_model(models / "gpt2-124m", args)
         for index in range(args.runs):
-            runs.append(run_once(args, models, config))
+            last = index == args.runs - 1
+            runs.append(run_once(args, models, config, profile=bool(args.profile) and last))
             print(f"   run {index + 1}: {runs[-1]['tokens_per_second']:,.0f} tok/s", flush=True)
 
     best = runs[0]
