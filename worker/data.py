@@ -33,7 +33,7 @@ from shared.models import Dataset
 from worker import token_cache
 from worker.collate import Mode, PackedCollator, PackedDataset
 from worker.errors import JobFailure
-from worker.masking import TokenizedExample, eos_id, tokenize_examples
+from worker.masking import TokenizedBatch, batch_encoder, eos_id, tokenize_batch
 from worker.packing import PackedData, PackStats, pack_examples, pack_token_stream
 
 logger = logging.getLogger(__name__)
@@ -130,32 +130,6 @@ class PackedBlocks(TorchDataset):
         """Text rows as blocks: all `block_size` long, or one shorter validation block."""
         width = block_size if len(packed) != 1 else int(packed.row_offsets[1])
         return cls(torch.from_numpy(packed.input_ids).view(len(packed), width))
-
-
-def _batch_encoder(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[str]], list[list[int]]]:
-    """A function from texts to their token ids (no special tokens).
-
-    For a fast tokenizer this calls the Rust backend's `encode_batch_fast` directly: the same
-    ids as `tokenizer(texts)`, without the offsets and the per-example Python dicts that
-    `BatchEncoding` builds, and with the GIL released while Rust works. One ordinary call first
-    puts the backend in the state `tokenizer(...)` uses (no truncation, no padding, its special
-    token handling).
-    """
-    backend = getattr(tokenizer, "_tokenizer", None)
-    tokenizer([""], add_special_tokens=False, return_attention_mask=False, verbose=False)
-    if backend is not None and hasattr(backend, "encode_batch_fast"):
-
-        def encode_fast(texts: list[str]) -> list[list[int]]:
-            return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
-
-        return encode_fast
-
-    def encode(texts: list[str]) -> list[list[int]]:
-        return tokenizer(
-            texts, add_special_tokens=False, return_attention_mask=False, verbose=False
-        )["input_ids"]
-
-    return encode
 
 
 class _TokenStream:
@@ -360,7 +334,7 @@ def _tokenize_text(
     on_progress: Callable[[], None],
 ) -> tuple[_TokenStream, _TokenStream]:
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize") as executor:
-        encode = _batch_encoder(tokenizer)
+        encode = batch_encoder(tokenizer)
         train = _TokenStream(encode, eos_id(tokenizer), executor)
         held_out = _TokenStream(encode, eos_id(tokenizer), executor)
         split = _split(train_dataset, validation_dataset, validation_split, seed)
@@ -380,15 +354,15 @@ def _tokenize_masked(
     validation_split: float,
     seed: int,
     on_progress: Callable[[], None],
-) -> tuple[list[TokenizedExample], list[TokenizedExample]]:
+) -> tuple[TokenizedBatch, TokenizedBatch]:
     shape = train_dataset.shape
-    tokenized: dict[bool, list[TokenizedExample]] = {False: [], True: []}
+    tokenized: dict[bool, list[TokenizedBatch]] = {False: [], True: []}
     pending: dict[bool, list[Any]] = {False: [], True: []}
 
     def flush(is_held_out: bool) -> None:
         if not pending[is_held_out]:
             return
-        tokenized[is_held_out] += tokenize_examples(tokenizer, pending[is_held_out], shape)
+        tokenized[is_held_out].append(tokenize_batch(tokenizer, pending[is_held_out], shape))
         pending[is_held_out] = []
         on_progress()
 
@@ -398,7 +372,7 @@ def _tokenize_masked(
             flush(is_held_out)
     flush(False)
     flush(True)
-    return tokenized[False], tokenized[True]
+    return TokenizedBatch.concatenate(tokenized[False]), TokenizedBatch.concatenate(tokenized[True])
 
 
 def _pack_eval(held_out: _TokenStream, block_size: int) -> PackedData:

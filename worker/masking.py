@@ -25,13 +25,16 @@ trained), so the rules are few and exact:
   token straddling a boundary is trained). Templates that re-render earlier turns differently
   once later turns exist (prefix-unstable) are refused with a clear error instead of guessed.
 
-In every case BOS is not added (the seed pipeline never adds special tokens either).
+In every case BOS is not added (the seed pipeline never adds special tokens either). A batch of
+examples comes out as a `TokenizedBatch`: flat arrays, not a Python object per token.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import chain, pairwise
 from typing import Any
 
+import numpy as np
 from transformers import PreTrainedTokenizerBase
 from transformers.utils.chat_template_utils import render_jinja_template
 
@@ -58,6 +61,59 @@ class TokenizedExample:
     @property
     def trainable(self) -> int:
         return sum(1 for label in self.labels if label != IGNORE_INDEX)
+
+
+def offsets_of(lengths: np.ndarray | list[int]) -> np.ndarray:
+    """Where consecutive pieces of these lengths start, and where the last one ends (int64)."""
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, dtype=np.int64, out=offsets[1:])
+    return offsets
+
+
+@dataclass
+class TokenizedBatch:
+    """Many examples end to end: example i is `[offsets[i], offsets[i+1])` of the token arrays.
+
+    What data preparation works on: a Python list per example, and a Python int per token,
+    would cost more than the tokenizing itself.
+    """
+
+    input_ids: np.ndarray  # int32 (tokens,)
+    trained: np.ndarray  # bool (tokens,): label = input id where True, -100 where False
+    offsets: np.ndarray  # int64 (examples + 1,)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __iter__(self) -> Iterator[TokenizedExample]:
+        for start, end in pairwise(self.offsets.tolist()):
+            ids = self.input_ids[start:end]
+            labels = np.where(self.trained[start:end], ids, IGNORE_INDEX)
+            yield TokenizedExample(ids.tolist(), labels.tolist())
+
+    @classmethod
+    def of(cls, examples: Iterable[TokenizedExample]) -> "TokenizedBatch":
+        """The examples' arrays (a label is -100 or its input id, as every shape makes it)."""
+        examples = list(examples)
+        lengths = [len(example.input_ids) for example in examples]
+        tokens = sum(lengths)
+        ids = chain.from_iterable(example.input_ids for example in examples)
+        labels = chain.from_iterable(example.labels for example in examples)
+        return cls(
+            input_ids=np.fromiter(ids, dtype=np.int32, count=tokens),
+            trained=np.fromiter(labels, dtype=np.int64, count=tokens) != IGNORE_INDEX,
+            offsets=offsets_of(lengths),
+        )
+
+    @classmethod
+    def concatenate(cls, batches: Sequence["TokenizedBatch"]) -> "TokenizedBatch":
+        if not batches:
+            return cls.of([])
+        return cls(
+            input_ids=np.concatenate([batch.input_ids for batch in batches]),
+            trained=np.concatenate([batch.trained for batch in batches]),
+            offsets=offsets_of(np.concatenate([np.diff(batch.offsets) for batch in batches])),
+        )
 
 
 def eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -144,53 +200,96 @@ def _labels_from_spans(
     return labels
 
 
-def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], **kwargs: Any) -> Any:
+def batch_encoder(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[str]], list[list[int]]]:
+    """A function from texts to their token ids (no special tokens).
+
+    For a fast tokenizer this calls the Rust backend's `encode_batch_fast` directly: the same
+    ids as `tokenizer(texts)`, without the offsets and the per-example Python dicts that
+    `BatchEncoding` builds, and with the GIL released while Rust works. One ordinary call first
+    puts the backend in the state `tokenizer(...)` uses (no truncation, no padding, its special
+    token handling).
+    """
     backend = getattr(tokenizer, "_tokenizer", None)
-    if kwargs or not hasattr(backend, "encode_batch_fast"):
+    tokenizer([""], add_special_tokens=False, return_attention_mask=False, verbose=False)
+    if backend is not None and hasattr(backend, "encode_batch_fast"):
+
+        def encode_fast(texts: list[str]) -> list[list[int]]:
+            return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+
+        return encode_fast
+
+    def encode(texts: list[str]) -> list[list[int]]:
         return tokenizer(
-            texts, add_special_tokens=False, return_attention_mask=False, verbose=False, **kwargs
+            texts, add_special_tokens=False, return_attention_mask=False, verbose=False
+        )["input_ids"]
+
+    return encode
+
+
+def _joined(pieces: list[list[int]], trained_parts: tuple[bool, ...], eos: int) -> TokenizedBatch:
+    """Examples of `len(trained_parts)` consecutive pieces each, then a trained EOS; the tokens
+    of an example's k-th piece are trained when `trained_parts[k]` is."""
+    parts = len(trained_parts)
+    lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
+    ids = np.fromiter(chain.from_iterable(pieces), dtype=np.int32, count=int(lengths.sum()))
+    trained = np.repeat(np.tile(trained_parts, len(pieces) // parts), lengths)
+    example_ends = np.cumsum(lengths).reshape(-1, parts)[:, -1]
+    return TokenizedBatch(
+        input_ids=np.insert(ids, example_ends, eos),
+        trained=np.insert(trained, example_ends, True),
+        offsets=offsets_of(lengths.reshape(-1, parts).sum(axis=1) + 1),
+    )
+
+
+def _conversations(
+    tokenizer: PreTrainedTokenizerBase, records: Sequence[Any]
+) -> list[TokenizedExample]:
+    """`messages` records rendered, tokenized once, and masked by their assistant spans."""
+    if not tokenizer.is_fast:
+        raise JobFailure(
+            "base_model_invalid",
+            "chat datasets need a fast (Rust) tokenizer for exact loss masks",
+            user_error=True,
         )
-    tokenizer(texts[:1], add_special_tokens=False, return_attention_mask=False, verbose=False)
-    # The call above left the Rust backend as `tokenizer(...)` sets it (no truncation, no
-    # padding); asking it directly for ids skips the offsets and a Python object per example,
-    # which cost more than the tokenizing itself. Same ids (tests/worker/test_masking.py).
-    return {
-        "input_ids": [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
-    }
+    rendered = [render_conversation(tokenizer, record["messages"]) for record in records]
+    encoded = tokenizer(
+        [text for text, _ in rendered],
+        add_special_tokens=False,
+        return_attention_mask=False,
+        return_offsets_mapping=True,
+        verbose=False,
+    )
+    return [
+        TokenizedExample(ids, _labels_from_spans(ids, offsets, spans))
+        for ids, offsets, (_, spans) in zip(
+            encoded["input_ids"], encoded["offset_mapping"], rendered, strict=True
+        )
+    ]
+
+
+def tokenize_batch(
+    tokenizer: PreTrainedTokenizerBase, records: Sequence[Any], shape: str
+) -> TokenizedBatch:
+    """Tokenize and mask a batch of examples (one tokenizer call per batch, for speed)."""
+    eos = eos_id(tokenizer)
+    if shape == "text":
+        texts = [record if isinstance(record, str) else record["text"] for record in records]
+        return _joined(batch_encoder(tokenizer)(texts), (True,), eos)
+    if shape == "prompt_completion":
+        # Side by side in one call, yet each text is tokenized on its own: the boundary stays
+        # exact.
+        texts = [text for record in records for text in (record["prompt"], record["completion"])]
+        return _joined(batch_encoder(tokenizer)(texts), (False, True), eos)
+    if shape == "messages":
+        return TokenizedBatch.of(_conversations(tokenizer, records))
+    raise JobFailure("invalid_dataset", f"unknown dataset shape {shape!r}", user_error=True)
 
 
 def tokenize_examples(
     tokenizer: PreTrainedTokenizerBase, records: Sequence[Any], shape: str
 ) -> list[TokenizedExample]:
-    """Tokenize and mask a batch of examples (one tokenizer call per field, for speed)."""
-    eos = eos_id(tokenizer)
-    if shape == "text":
-        texts = [record if isinstance(record, str) else record["text"] for record in records]
-        encoded = _encode(tokenizer, texts)["input_ids"]
-        return [TokenizedExample(ids + [eos], ids + [eos]) for ids in encoded]
-    if shape == "prompt_completion":
-        prompts = _encode(tokenizer, [record["prompt"] for record in records])["input_ids"]
-        answers = _encode(tokenizer, [record["completion"] for record in records])["input_ids"]
-        return [
-            TokenizedExample(p + a + [eos], [IGNORE_INDEX] * len(p) + a + [eos])
-            for p, a in zip(prompts, answers, strict=True)
-        ]
-    if shape == "messages":
-        if not tokenizer.is_fast:
-            raise JobFailure(
-                "base_model_invalid",
-                "chat datasets need a fast (Rust) tokenizer for exact loss masks",
-                user_error=True,
-            )
-        rendered = [render_conversation(tokenizer, record["messages"]) for record in records]
-        encoded = _encode(tokenizer, [text for text, _ in rendered], return_offsets_mapping=True)
-        return [
-            TokenizedExample(ids, _labels_from_spans(ids, offsets, spans))
-            for ids, offsets, (_, spans) in zip(
-                encoded["input_ids"], encoded["offset_mapping"], rendered, strict=True
-            )
-        ]
-    raise JobFailure("invalid_dataset", f"unknown dataset shape {shape!r}", user_error=True)
+    """`tokenize_batch`, one list of ids and labels per example."""
+    return list(tokenize_batch(tokenizer, records, shape))
 
 
 def tokenize_example(

@@ -25,7 +25,7 @@ from typing import Literal
 
 import numpy as np
 
-from worker.masking import IGNORE_INDEX, TokenizedExample
+from worker.masking import IGNORE_INDEX, TokenizedBatch, TokenizedExample, offsets_of
 
 Truncation = Literal["truncate", "drop"]
 TRUNCATION_MODES: tuple[str, ...] = ("truncate", "drop")
@@ -76,10 +76,6 @@ class PackedData:
         return {"input_ids": ids, "labels": labels, "position_ids": positions}
 
 
-def _offsets(lengths: list[int]) -> np.ndarray:
-    return np.concatenate([[0], np.cumsum(np.asarray(lengths, dtype=np.int64))]).astype(np.int64)
-
-
 def pack_text(
     examples: Iterable[TokenizedExample], block_size: int, *, keep_tail: bool = False
 ) -> PackedData:
@@ -101,7 +97,7 @@ def pack_token_stream(
     full = len(ids) // block_size * block_size
     end = len(ids) if keep_tail and len(ids) - full >= 2 else full
     lengths = [block_size] * (full // block_size) + ([end - full] if end > full else [])
-    offsets = _offsets(lengths)
+    offsets = offsets_of(lengths)
     stats.rows = len(lengths)
     stats.tokens = end
     stats.trainable_tokens = end - len(lengths)
@@ -116,30 +112,48 @@ def pack_token_stream(
 
 
 def _fit(
-    example: TokenizedExample, block_size: int, truncation: str, stats: PackStats
-) -> tuple[list[int], list[bool]] | None:
-    """The example's (ids, trained flags) ready to pack, or None when it is skipped."""
-    ids, labels = example.input_ids, example.labels
-    if len(ids) > block_size:
-        if truncation == "drop":
-            stats.dropped += 1
-            stats.discarded_tokens += len(ids)
-            return None
-        stats.truncated += 1
-        stats.discarded_tokens += len(ids) - block_size
-        ids, labels = ids[:block_size], labels[:block_size]
+    batch: TokenizedBatch, block_size: int, truncation: str, stats: PackStats
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(starts, lengths) of the examples to pack, cut to `block_size` (skipped ones left out),
+    and the batch's trained flags with every example's first token untrained."""
+    starts, lengths = batch.offsets[:-1], np.diff(batch.offsets)
+    too_long = lengths > block_size
+    if truncation == "drop":
+        stats.dropped = int(too_long.sum())
+        stats.discarded_tokens += int(lengths[too_long].sum())
+        starts, lengths = starts[~too_long], lengths[~too_long]
+    else:
+        stats.truncated = int(too_long.sum())
+        stats.discarded_tokens += int((lengths[too_long] - block_size).sum())
+        lengths = np.minimum(lengths, block_size)
     # The first token is never a target: in a packed row it would be predicted from the end
     # of the previous example.
-    trained = [False] + [label != IGNORE_INDEX for label in labels[1:]]
-    if not any(trained):
-        stats.untrained += 1
-        stats.discarded_tokens += len(ids)
-        return None
-    return ids, trained
+    trained = batch.trained.copy()
+    trained[starts[lengths > 0]] = False
+    trained_before = offsets_of(trained)  # trained_before[t]: trained tokens before token t
+    untrained = trained_before[starts + lengths] == trained_before[starts]
+    stats.untrained = int(untrained.sum())
+    stats.discarded_tokens += int(lengths[untrained].sum())
+    return starts[~untrained], lengths[~untrained], trained
+
+
+def _first_fit(lengths: list[int], block_size: int) -> list[int]:
+    """Each example's row: the oldest of the newest `OPEN_ROWS` rows with room for it, else a
+    new row."""
+    free: list[int] = []  # room left in each row
+    rows: list[int] = []
+    for size in lengths:
+        oldest_open = max(0, len(free) - OPEN_ROWS)
+        row = next((r for r in range(oldest_open, len(free)) if free[r] >= size), len(free))
+        if row == len(free):
+            free.append(block_size)
+        free[row] -= size
+        rows.append(row)
+    return rows
 
 
 def pack_examples(
-    examples: Iterable[TokenizedExample],
+    examples: TokenizedBatch | Iterable[TokenizedExample],
     block_size: int,
     truncation: str = "truncate",
     *,
@@ -148,45 +162,33 @@ def pack_examples(
     """Whole examples into rows of at most `block_size` tokens (one per row without `pack`)."""
     if truncation not in TRUNCATION_MODES:
         raise ValueError(f"truncation must be one of {TRUNCATION_MODES}, got {truncation!r}")
-    stats = PackStats()
-    kept: list[tuple[list[int], list[bool]]] = []
-    rows: list[list[int]] = []  # indices into `kept`
-    open_rows: list[tuple[int, int]] = []  # (row, free tokens), oldest first
-    for example in examples:
-        stats.examples += 1
-        fitted = _fit(example, block_size, truncation, stats)
-        if fitted is None:
-            continue
-        kept.append(fitted)
-        size = len(fitted[0])
-        slot = next((i for i, (_, free) in enumerate(open_rows) if size <= free), None)
-        if pack and slot is not None:
-            row, free = open_rows[slot]
-            rows[row].append(len(kept) - 1)
-            open_rows[slot] = (row, free - size)
-            continue
-        rows.append([len(kept) - 1])
-        if pack:
-            open_rows.append((len(rows) - 1, block_size - size))
-            if len(open_rows) > OPEN_ROWS:
-                open_rows.pop(0)
-    ids, trained = array("i"), bytearray()
-    segments: list[int] = []
-    for row in rows:
-        for index in row:
-            ids.extend(kept[index][0])
-            trained.extend(kept[index][1])
-            segments.append(len(kept[index][0]))
-    stats.rows = len(rows)
-    stats.tokens = len(ids)
-    stats.trainable_tokens = sum(trained)
+    batch = examples if isinstance(examples, TokenizedBatch) else TokenizedBatch.of(examples)
+    stats = PackStats(examples=len(batch))
+    starts, lengths, trained = _fit(batch, block_size, truncation, stats)
+    rows = np.asarray(
+        _first_fit(lengths.tolist(), block_size) if pack else range(len(lengths)), dtype=np.int64
+    )
+    # Row after row, each with its examples in file order.
+    order = np.argsort(rows, kind="stable")
+    tokens = _token_indices(starts[order], lengths[order])
+    packed_trained = trained[tokens]
+    row_tokens = np.bincount(rows, weights=lengths).astype(np.int64)
+    stats.rows = len(row_tokens)
+    stats.tokens = len(tokens)
+    stats.trainable_tokens = int(packed_trained.sum())
     return PackedData(
-        input_ids=np.frombuffer(ids, dtype=np.int32).copy(),
-        trained=np.frombuffer(bytes(trained), dtype=np.uint8).astype(bool),
-        row_offsets=_offsets([sum(len(kept[i][0]) for i in row) for row in rows]),
-        segment_offsets=_offsets(segments),
+        input_ids=batch.input_ids[tokens],
+        trained=packed_trained,
+        row_offsets=offsets_of(row_tokens),
+        segment_offsets=offsets_of(lengths[order]),
         stats=stats,
     )
+
+
+def _token_indices(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The indices of the tokens of segments `[start, start + length)`, one after the other."""
+    ends = offsets_of(lengths)
+    return np.arange(ends[-1]) + np.repeat(starts - ends[:-1], lengths)
 
 
 def fill_rate(data: PackedData, block_size: int) -> float:

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -11,8 +12,10 @@ from worker.errors import JobFailure
 from worker.masking import (
     DEFAULT_CHAT_TEMPLATE,
     IGNORE_INDEX,
+    TokenizedBatch,
     TokenizedExample,
     render_marked,
+    tokenize_batch,
     tokenize_example,
     tokenize_examples,
 )
@@ -98,6 +101,55 @@ class TestPromptCompletion:
         records = [{"prompt": f"Q{i}:", "completion": f" A{i}."} for i in range(5)]
         batch = tokenize_examples(plain, records, "prompt_completion")
         assert batch == [tokenize_example(plain, r, "prompt_completion") for r in records]
+
+
+class TestTokenizedBatch:
+    """Many examples in flat arrays, exactly as the rules above make them one by one."""
+
+    RECORDS = [
+        {"prompt": "Question: what sat on the mat?", "completion": " The cat."},
+        {"prompt": "", "completion": " no prompt"},
+        {"prompt": "no completion", "completion": ""},
+        {"prompt": "", "completion": ""},
+        {"prompt": "naïve ✓", "completion": " ✓✓"},
+    ]
+
+    def test_prompt_completion_examples_follow_the_rules(
+        self, plain: PreTrainedTokenizerBase
+    ) -> None:
+        batch = tokenize_batch(plain, self.RECORDS, "prompt_completion")
+        eos = plain.eos_token_id
+        for example, record in zip(batch, self.RECORDS, strict=True):
+            prompt = ids_of(plain, record["prompt"])
+            completion = ids_of(plain, record["completion"])
+            assert example.input_ids == prompt + completion + [eos]
+            assert example.labels == [IGNORE_INDEX] * len(prompt) + completion + [eos]
+        assert len(batch) == len(self.RECORDS)
+        # The dtypes the packer and the token cache keep.
+        assert batch.input_ids.dtype == np.int32
+        assert batch.trained.dtype == np.bool_
+        assert batch.offsets.dtype == np.int64
+
+    def test_text_examples_are_all_trained(self, plain: PreTrainedTokenizerBase) -> None:
+        texts = ["the cat sat.", "", "the dog"]
+        batch = tokenize_batch(plain, texts, "text")
+        assert [example.input_ids for example in batch] == [
+            ids_of(plain, text) + [plain.eos_token_id] for text in texts
+        ]
+        assert batch.trained.all()
+
+    def test_lists_and_arrays_round_trip(self, plain: PreTrainedTokenizerBase) -> None:
+        batch = tokenize_batch(plain, self.RECORDS, "prompt_completion")
+        again = TokenizedBatch.of(list(batch))
+        for name in ("input_ids", "trained", "offsets"):
+            np.testing.assert_array_equal(getattr(again, name), getattr(batch, name))
+
+    def test_concatenate_keeps_every_example_in_order(self, plain: PreTrainedTokenizerBase) -> None:
+        parts = [self.RECORDS[:2], [], self.RECORDS[2:]]
+        batches = [tokenize_batch(plain, part, "prompt_completion") for part in parts]
+        whole = TokenizedBatch.concatenate(batches)
+        assert list(whole) == tokenize_examples(plain, self.RECORDS, "prompt_completion")
+        assert len(TokenizedBatch.concatenate([])) == 0
 
 
 class TestMessagesDefaultTemplate:

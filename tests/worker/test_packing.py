@@ -18,8 +18,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from tests.conftest import TINY_MODEL
 from worker.collate import PackedCollator, PackedDataset, collator_mode, packing_probe
-from worker.masking import IGNORE_INDEX, TokenizedExample, tokenize_examples
-from worker.packing import PackedData, fill_rate, pack_examples, pack_text
+from worker.masking import IGNORE_INDEX, TokenizedBatch, TokenizedExample, tokenize_examples
+from worker.packing import OPEN_ROWS, PackedData, fill_rate, pack_examples, pack_text
 
 M = IGNORE_INDEX
 
@@ -32,6 +32,40 @@ def example(length: int, trained_from: int = 1, first_id: int = 10) -> Tokenized
 
 def rows(data: PackedData) -> list[dict[str, list[int]]]:
     return [{k: v.tolist() for k, v in data.row(i).items()} for i in range(len(data))]
+
+
+def first_fit_one_by_one(
+    examples: list[TokenizedExample], block_size: int, truncation: str, pack: bool
+) -> list[list[tuple[list[int], list[int]]]]:
+    """The packing rules applied one example at a time, as plainly as they read: rows of
+    (input ids, labels) segments."""
+    packed: list[list[tuple[list[int], list[int]]]] = []
+    free: list[int] = []
+    for ex in examples:
+        if len(ex.input_ids) > block_size and truncation == "drop":
+            continue
+        ids, labels = ex.input_ids[:block_size], [M, *ex.labels[1:block_size]]
+        if all(label == M for label in labels):
+            continue
+        newest = range(max(0, len(free) - OPEN_ROWS), len(free)) if pack else range(0)
+        row = next((r for r in newest if free[r] >= len(ids)), None)
+        if row is None:
+            packed.append([])
+            free.append(block_size)
+            row = len(free) - 1
+        packed[row].append((ids, labels))
+        free[row] -= len(ids)
+    return packed
+
+
+def random_examples(rng: np.random.Generator, count: int, longest: int) -> list[TokenizedExample]:
+    """Examples of 0 to `longest` tokens with random prompt lengths (some all prompt)."""
+    examples = []
+    for _ in range(count):
+        ids = rng.integers(0, 1000, size=int(rng.integers(0, longest + 1))).tolist()
+        prompt = int(rng.integers(0, len(ids) + 1))
+        examples.append(TokenizedExample(ids, [M] * prompt + ids[prompt:]))
+    return examples
 
 
 class TestPackText:
@@ -120,6 +154,57 @@ class TestPackExamples:
             assert stats.tokens + stats.discarded_tokens == sum(len(e.input_ids) for e in examples)
             assert np.diff(data.row_offsets).max() <= 32
             assert fill_rate(data, 32) > 0.9
+
+    @pytest.mark.parametrize("truncation", ["truncate", "drop"])
+    @pytest.mark.parametrize("pack", [True, False])
+    def test_rows_are_the_rules_applied_one_example_at_a_time(
+        self, truncation: str, pack: bool
+    ) -> None:
+        rng = np.random.default_rng(7)
+        for block_size in (1, 5, 32):
+            examples = random_examples(rng, 400, 2 * block_size)
+            data = pack_examples(examples, block_size, truncation, pack=pack)
+            want = first_fit_one_by_one(examples, block_size, truncation, pack)
+            got = rows(data)
+            assert [row["input_ids"] for row in got] == [
+                [t for ids, _ in row for t in ids] for row in want
+            ]
+            assert [row["labels"] for row in got] == [
+                [label for _, labels in row for label in labels] for row in want
+            ]
+            assert [row["position_ids"] for row in got] == [
+                [p for ids, _ in row for p in range(len(ids))] for row in want
+            ]
+            assert data.stats.trainable_tokens == sum(
+                label != M for row in want for _, labels in row for label in labels
+            )
+
+    def test_only_the_newest_open_rows_take_an_example(self) -> None:
+        def rows_after_full_rows(full: int) -> int:
+            # Row 0 keeps room for the last example until `full` newer rows push it out.
+            examples = [example(5), *(example(10) for _ in range(full)), example(5)]
+            return pack_examples(examples, block_size=10).stats.rows
+
+        assert rows_after_full_rows(OPEN_ROWS - 1) == OPEN_ROWS  # the last joins row 0
+        assert rows_after_full_rows(OPEN_ROWS) == OPEN_ROWS + 2  # row 0 is closed: a new row
+
+    def test_a_batch_packs_as_its_examples_do_into_the_cached_dtypes(self) -> None:
+        examples = random_examples(np.random.default_rng(3), 200, 40)
+        from_batch = pack_examples(TokenizedBatch.of(examples), 32)
+        from_lists = pack_examples(examples, 32)
+        for name, dtype in [
+            ("input_ids", np.int32),
+            ("trained", np.bool_),
+            ("row_offsets", np.int64),
+            ("segment_offsets", np.int64),
+        ]:
+            np.testing.assert_array_equal(getattr(from_batch, name), getattr(from_lists, name))
+            assert getattr(from_batch, name).dtype == dtype
+        assert from_batch.stats == from_lists.stats
+
+    def test_no_examples_make_no_rows(self) -> None:
+        data = pack_examples([], block_size=8)
+        assert (len(data), data.stats.tokens, len(data.segment_offsets)) == (0, 0, 1)
 
     def test_unknown_truncation_is_refused(self) -> None:
         with pytest.raises(ValueError):
