@@ -242,7 +242,17 @@ def service_stack(
             wait_until_ready(base_url, api, log)
             stack = Stack(base_url, token, database_url, environment, folder, api.pid)
             if worker:
-                with running_worker(environment, folder / "worker.log"):
+                worker_log = folder / "worker.log"
+                with running_worker(environment, worker_log) as worker_process:
+                    # Measurements are of an idle worker, not of one still starting.
+                    wait_for(
+                        lambda: (
+                            worker_process.poll() is None
+                            and " ready." in worker_log.read_text(errors="replace")
+                        ),
+                        timeout=120,
+                        what="the worker to be ready",
+                    )
                     yield stack
             else:
                 yield stack

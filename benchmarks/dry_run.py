@@ -2,7 +2,7 @@
 PostgreSQL, answered in the response (issue goal: within 5 s).
 
 Each run uploads a dataset no earlier run has seen (a different seed), so the token cache never
-answers: these are cold dry runs. Both a text and a prompt/completion (masked, packed) dataset.
+answers: these are cold dry runs. A text, a prompt/completion and a chat (`messages`) dataset.
 
     python benchmarks/dry_run.py [--runs 3] [--megabytes 10]
 """
@@ -44,8 +44,11 @@ def dataset(shape: str, megabytes: int, seed: int) -> bytes:
         sentence = " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 24)))
         if shape == "text":
             line = sentence
-        else:
+        elif shape == "prompt_completion":
             line = json.dumps({"prompt": sentence + "?", "completion": " " + sentence[::-1]})
+        else:  # a two-turn conversation, rendered with the model's (default) chat template
+            turns = [("user", sentence + "?"), ("assistant", sentence[::-1])]
+            line = json.dumps({"messages": [{"role": r, "content": c} for r, c in turns]})
         lines.append(line)
         size += len(line) + 1
     return ("\n".join(lines) + "\n").encode()
@@ -63,7 +66,7 @@ def main() -> None:
         build_tiny_model(models, "tiny-gpt2")
         with service_stack(worker=True, models_dir=models) as stack:
             http = httpx.Client(base_url=stack.base_url, headers=stack.headers, timeout=120)
-            times: dict[str, list[float]] = {"text": [], "prompt_completion": []}
+            times: dict[str, list[float]] = {"text": [], "prompt_completion": [], "messages": []}
             for run in range(args.runs):
                 for shape in times:
                     body = dataset(shape, args.megabytes, seed=run * 10 + len(shape))

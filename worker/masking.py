@@ -134,45 +134,73 @@ def chat_template_of(tokenizer: PreTrainedTokenizerBase) -> str:
 
 
 def _render(
-    tokenizer: PreTrainedTokenizerBase, template: str, messages: list[dict[str, Any]], gen: bool
-) -> str:
+    tokenizer: PreTrainedTokenizerBase,
+    template: str,
+    conversations: list[list[dict[str, Any]]],
+    gen: bool,
+) -> list[str]:
+    """Each conversation rendered as text, in one call for the whole list."""
     try:
-        if not messages:
+        ongoing = [conversation for conversation in conversations if conversation]
+        texts = iter(
+            tokenizer.apply_chat_template(
+                ongoing, chat_template=template, tokenize=False, add_generation_prompt=gen
+            )
+            if ongoing
+            else []
+        )
+        empty = None
+        if len(ongoing) < len(conversations):
             # apply_chat_template refuses an empty conversation, but the prompt before an
             # opening assistant turn is exactly that; render it the way it would.
-            rendered, _ = render_jinja_template(
+            empty = render_jinja_template(
                 conversations=[[]],
                 chat_template=template,
                 add_generation_prompt=gen,
                 **tokenizer.special_tokens_map,
-            )
-            return rendered[0]
-        text = tokenizer.apply_chat_template(
-            messages, chat_template=template, tokenize=False, add_generation_prompt=gen
-        )
+            )[0][0]
     except Exception as exc:  # Jinja errors, raise_exception() in templates (role order, ...)
         raise JobFailure(
             "chat_template_failed",
             f"the chat template could not render a conversation: {exc}",
             user_error=True,
         ) from exc
-    assert isinstance(text, str)
-    return text
+    return [next(texts) if conversation else empty for conversation in conversations]
 
 
-def render_conversation(
-    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]]
-) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the [start, end) character spans of its assistant turns."""
+def render_conversations(
+    tokenizer: PreTrainedTokenizerBase, conversations: list[list[dict[str, Any]]]
+) -> list[tuple[str, list[tuple[int, int]]]]:
+    """Each rendered conversation and the [start, end) character spans of its assistant turns.
+
+    A turn's span runs from the end of the rendering up to it, with the generation prompt, to
+    the end of the rendering through it. Every rendering of a batch is made in one template
+    call per kind (whole conversations, prompts, turns); the last turn of a conversation is the
+    whole conversation, so it is not rendered twice.
+    """
     template = chat_template_of(tokenizer)
-    full = _render(tokenizer, template, messages, gen=False)
-    spans: list[tuple[int, int]] = []
-    for index, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        prompt = _render(tokenizer, template, messages[:index], gen=True)
-        turn = _render(tokenizer, template, messages[: index + 1], gen=False)
-        if not (turn.startswith(prompt) and full.startswith(turn)):
+    full = _render(tokenizer, template, conversations, gen=False)
+    turns = [
+        (number, index)
+        for number, messages in enumerate(conversations)
+        for index, message in enumerate(messages)
+        if message["role"] == "assistant"
+    ]
+    prompts = _render(
+        tokenizer, template, [conversations[n][:index] for n, index in turns], gen=True
+    )
+    earlier = [(n, index) for n, index in turns if index + 1 < len(conversations[n])]
+    earlier_turns = dict(
+        zip(
+            earlier,
+            _render(tokenizer, template, [conversations[n][: i + 1] for n, i in earlier], False),
+            strict=True,
+        )
+    )
+    spans: list[list[tuple[int, int]]] = [[] for _ in conversations]
+    for (number, index), prompt in zip(turns, prompts, strict=True):
+        turn = earlier_turns.get((number, index), full[number])
+        if not (turn.startswith(prompt) and full[number].startswith(turn)):
             raise JobFailure(
                 "chat_template_unsupported",
                 f"the chat template renders assistant turn {index + 1} differently once later "
@@ -180,24 +208,56 @@ def render_conversation(
                 user_error=True,
             )
         if len(turn) > len(prompt):
-            spans.append((len(prompt), len(turn)))
-    return full, spans
+            spans[number].append((len(prompt), len(turn)))
+    return list(zip(full, spans, strict=True))
 
 
-def _labels_from_spans(
-    ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]
-) -> list[int]:
-    """Labels for a rendering: a token is trained when its character span overlaps a trained
-    span (a zero-width token counts as the character it sits on). Spans are sorted and disjoint,
-    so one forward pointer over them is enough."""
-    labels = []
-    current = 0
-    for token, (start, end) in zip(ids, offsets, strict=True):
-        while current < len(spans) and spans[current][1] <= start:
-            current += 1
-        inside = current < len(spans) and spans[current][0] < max(end, start + 1)
-        labels.append(token if inside else IGNORE_INDEX)
-    return labels
+def render_conversation(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]]
+) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the [start, end) character spans of its assistant turns."""
+    return render_conversations(tokenizer, [messages])[0]
+
+
+def _trained_by_spans(
+    offsets: list[list[tuple[int, int]]],
+    spans: list[list[tuple[int, int]]],
+    text_lengths: list[int],
+) -> np.ndarray:
+    """Whether each token of each rendering is trained: its character span overlaps a trained
+    span (a zero-width token counts as the character it sits on).
+
+    All renderings are laid end to end with one character between them, so that one sorted
+    search over every span answers for every token: for a token starting at `start`, the only
+    span it can overlap is the first one ending after `start`. The gap keeps a zero-width token
+    at the end of one rendering off a span at the start of the next.
+    """
+    bases = offsets_of([length + 1 for length in text_lengths])[:-1]
+    tokens = np.fromiter(map(len, offsets), dtype=np.int64, count=len(offsets))
+    pairs = (
+        np.fromiter(
+            chain.from_iterable(chain.from_iterable(offsets)),
+            dtype=np.int64,
+            count=2 * tokens.sum(),
+        ).reshape(-1, 2)
+        + np.repeat(bases, tokens)[:, None]
+    )
+    span_counts = [len(example_spans) for example_spans in spans]
+    span_pairs = (
+        np.fromiter(
+            chain.from_iterable(chain.from_iterable(spans)),
+            dtype=np.int64,
+            count=2 * sum(span_counts),
+        ).reshape(-1, 2)
+        + np.repeat(bases, span_counts)[:, None]
+    )
+    if not len(span_pairs):
+        return np.zeros(len(pairs), dtype=bool)
+    starts, ends = pairs[:, 0], pairs[:, 1]
+    candidate = np.searchsorted(span_pairs[:, 1], starts, side="right")
+    found = candidate < len(span_pairs)
+    candidate_start = span_pairs[np.minimum(candidate, len(span_pairs) - 1), 0]
+    return found & (candidate_start < np.maximum(ends, starts + 1))
 
 
 def batch_encoder(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[str]], list[list[int]]]:
@@ -241,9 +301,7 @@ def _joined(pieces: list[list[int]], trained_parts: tuple[bool, ...], eos: int) 
     )
 
 
-def _conversations(
-    tokenizer: PreTrainedTokenizerBase, records: Sequence[Any]
-) -> list[TokenizedExample]:
+def _conversations(tokenizer: PreTrainedTokenizerBase, records: Sequence[Any]) -> TokenizedBatch:
     """`messages` records rendered, tokenized once, and masked by their assistant spans."""
     if not tokenizer.is_fast:
         raise JobFailure(
@@ -251,20 +309,21 @@ def _conversations(
             "chat datasets need a fast (Rust) tokenizer for exact loss masks",
             user_error=True,
         )
-    rendered = [render_conversation(tokenizer, record["messages"]) for record in records]
-    encoded = tokenizer(
-        [text for text, _ in rendered],
-        add_special_tokens=False,
-        return_attention_mask=False,
-        return_offsets_mapping=True,
-        verbose=False,
+    rendered = render_conversations(tokenizer, [record["messages"] for record in records])
+    texts = [text for text, _ in rendered]
+    batch_encoder(tokenizer)  # the backend in the state `tokenizer(...)` leaves it
+    encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+    ids = [encoding.ids for encoding in encodings]
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    return TokenizedBatch(
+        input_ids=np.fromiter(chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum())),
+        trained=_trained_by_spans(
+            [encoding.offsets for encoding in encodings],
+            [spans for _, spans in rendered],
+            [len(text) for text in texts],
+        ),
+        offsets=offsets_of(lengths),
     )
-    return [
-        TokenizedExample(ids, _labels_from_spans(ids, offsets, spans))
-        for ids, offsets, (_, spans) in zip(
-            encoded["input_ids"], encoded["offset_mapping"], rendered, strict=True
-        )
-    ]
 
 
 def tokenize_batch(
@@ -281,7 +340,7 @@ def tokenize_batch(
         texts = [text for record in records for text in (record["prompt"], record["completion"])]
         return _joined(batch_encoder(tokenizer)(texts), (False, True), eos)
     if shape == "messages":
-        return TokenizedBatch.of(_conversations(tokenizer, records))
+        return _conversations(tokenizer, records)
     raise JobFailure("invalid_dataset", f"unknown dataset shape {shape!r}", user_error=True)
 
 

@@ -1,5 +1,6 @@
 """Loss masks: exactly which tokens each dataset shape trains, with and without a chat template."""
 
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from worker.masking import (
     IGNORE_INDEX,
     TokenizedBatch,
     TokenizedExample,
+    _trained_by_spans,
     render_marked,
     tokenize_batch,
     tokenize_example,
@@ -276,3 +278,39 @@ class TestRenderMarked:
 def test_unknown_shape_is_refused(plain: PreTrainedTokenizerBase) -> None:
     with pytest.raises(JobFailure):
         tokenize_example(plain, "x", "tabular")
+
+
+def _trained_one_by_one(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:
+    """The rule as it reads, per token: its characters (at least the one it sits on) overlap
+    some trained span."""
+    return [
+        any(span_start < max(end, start + 1) and start < span_end for span_start, span_end in spans)
+        for start, end in offsets
+    ]
+
+
+class TestTrainedBySpans:
+    def test_many_renderings_at_once_match_the_rule_per_token(self) -> None:
+        rng = np.random.default_rng(3)
+        for _ in range(300):
+            count = int(rng.integers(0, 5))
+            lengths, offsets, spans = [], [], []
+            for _ in range(count):
+                length = int(rng.integers(0, 30))
+                cuts = sorted({0, length, *rng.integers(0, length + 1, size=6).tolist()})
+                tokens = list(pairwise(cuts))
+                # Zero-width tokens anywhere, the text's very end included.
+                tokens += [(at, at) for at in rng.integers(0, length + 1, size=2).tolist()]
+                tokens.sort()
+                edges = sorted(set(rng.integers(0, length + 1, size=4).tolist()))
+                example_spans = [(a, b) for a, b in pairwise(edges)][::2]
+                lengths.append(length)
+                offsets.append(tokens)
+                spans.append(example_spans)
+            trained = _trained_by_spans(offsets, spans, lengths)
+            expected = [
+                flag
+                for tokens, example_spans in zip(offsets, spans, strict=True)
+                for flag in _trained_one_by_one(tokens, example_spans)
+            ]
+            assert trained.tolist() == expected, (offsets, spans, lengths)
