@@ -8,19 +8,17 @@ other routes' reads do. The app opens a reader at startup and closes it at shutd
 async pool belongs to the event loop that opened it.
 """
 
-import logging
 from typing import Any, Protocol
 
+import psycopg
 from fastapi.concurrency import run_in_threadpool
 from psycopg.rows import namedtuple_row
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from sqlalchemy import bindparam, make_url, select
 from sqlalchemy.dialects import postgresql
 
 from shared.db import engine_for
 from shared.models import Job
-
-logger = logging.getLogger(__name__)
 
 # Every column of a job, each under its attribute's name (`metadata_`), so that a row reads
 # like a `Job` (`JobRead.from_row` takes either).
@@ -28,6 +26,10 @@ _JOB_TABLE = Job.__table__
 JOB_BY_ID = select(
     *(_JOB_TABLE.c[prop.columns[0].name].label(prop.key) for prop in Job.__mapper__.column_attrs)
 ).where(_JOB_TABLE.c.id == bindparam("job_id"))
+
+
+# How these connections show in `pg_stat_activity`.
+APPLICATION_NAME = "tunery-api-job-reads"
 
 
 class JobReader(Protocol):
@@ -48,9 +50,14 @@ class PostgresJobReader:
             min_size=2,
             max_size=16,
             # While PostgreSQL is away a request waits this long for a connection, then 503s.
-            timeout=3,
+            timeout=1,
             open=False,
-            kwargs={"autocommit": True, "row_factory": namedtuple_row, "connect_timeout": 3},
+            kwargs={
+                "autocommit": True,
+                "row_factory": namedtuple_row,
+                "connect_timeout": 3,
+                "application_name": APPLICATION_NAME,
+            },
             name="job-reads",
         )
 
@@ -59,6 +66,18 @@ class PostgresJobReader:
         await self._pool.open(wait=False)
 
     async def get(self, job_id: str) -> Any | None:
+        try:
+            return await self._select(job_id)
+        except PoolTimeout:  # no connection to be had: PostgreSQL is away
+            raise
+        except psycopg.OperationalError:
+            # A server restart breaks every pooled connection at once, and the pool finds out
+            # one failed request at a time. Test them all, then read once more: a read can be
+            # repeated, and the caller gets the job rather than a 503 for a server that is back.
+            await self._pool.check()
+            return await self._select(job_id)
+
+    async def _select(self, job_id: str) -> Any | None:
         async with self._pool.connection() as connection:
             cursor = await connection.execute(self._sql, {"job_id": job_id})
             return await cursor.fetchone()

@@ -2,9 +2,12 @@
 
 import time
 
+import psycopg
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import make_url
 
+from api.job_reads import APPLICATION_NAME
 from shared.settings import get_settings
 
 
@@ -75,3 +78,29 @@ class TestMetrics:
         text = client.get("/metrics").text
         assert "# TYPE tunery_http_requests_total counter" in text
         assert 'route="/jobs/{job_id}"' in text and 'status="404"' in text
+
+
+class TestJobReadsAfterAServerRestart:
+    def test_a_job_read_survives_its_pooled_connections_being_cut(
+        self, client, auth_headers, database_url
+    ):
+        if not database_url.startswith("postgresql"):
+            pytest.skip("SQLite has no server connections to cut")
+        assert client.get("/jobs/job_x", headers=auth_headers).status_code == 404
+        # As a PostgreSQL restart does to every pooled connection of the job reads.
+        with psycopg.connect(
+            make_url(database_url)
+            .set(drivername="postgresql")
+            .render_as_string(hide_password=False),
+            autocommit=True,
+        ) as admin:
+            cut = admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE application_name = %s AND datname = current_database()",
+                [APPLICATION_NAME],
+            ).fetchone()
+        assert cut is not None and cut[0] >= 1
+        # The first read meets a dead connection; the reader tests the pool and reads again.
+        response = client.get("/jobs/job_x", headers=auth_headers)
+        assert response.status_code == 404, response.text
+        assert response.json()["error"]["code"] == "not_found"
