@@ -158,7 +158,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(OperationalError, _database_unavailable)
     app.add_exception_handler(InterfaceError, _database_unavailable)
-    # The job reads talk to psycopg directly (`api/job_reads.py`); its pool's timeout is one.
+    # The job reads talk to psycopg directly (`api/job_reads.py`); a pool timeout is one too.
     app.add_exception_handler(psycopg.OperationalError, _database_unavailable)
     app.add_exception_handler(psycopg.InterfaceError, _database_unavailable)
     app.add_exception_handler(Exception, _unexpected)
