@@ -139,33 +139,32 @@ def _render(
     conversations: list[list[dict[str, Any]]],
     gen: bool,
 ) -> list[str]:
-    """Each conversation rendered as text, in one call for the whole list."""
+    """Each conversation rendered as `apply_chat_template` renders it, in one call for all.
+
+    `apply_chat_template` first turns message objects into dicts and drops the keys whose
+    value is None (templates handle a missing key better). Dataset messages are JSON objects,
+    so dropping the None values is all of that work that applies, and skipping the rest
+    halves the rendering time. Unlike it, this also renders an empty conversation: the prompt
+    before an opening assistant turn is one.
+    """
+    plain = [
+        [{key: value for key, value in message.items() if value is not None} for message in chat]
+        for chat in conversations
+    ]
     try:
-        ongoing = [conversation for conversation in conversations if conversation]
-        texts = iter(
-            tokenizer.apply_chat_template(
-                ongoing, chat_template=template, tokenize=False, add_generation_prompt=gen
-            )
-            if ongoing
-            else []
+        rendered, _ = render_jinja_template(
+            conversations=plain,
+            chat_template=template,
+            add_generation_prompt=gen,
+            **tokenizer.special_tokens_map,
         )
-        empty = None
-        if len(ongoing) < len(conversations):
-            # apply_chat_template refuses an empty conversation, but the prompt before an
-            # opening assistant turn is exactly that; render it the way it would.
-            empty = render_jinja_template(
-                conversations=[[]],
-                chat_template=template,
-                add_generation_prompt=gen,
-                **tokenizer.special_tokens_map,
-            )[0][0]
     except Exception as exc:  # Jinja errors, raise_exception() in templates (role order, ...)
         raise JobFailure(
             "chat_template_failed",
             f"the chat template could not render a conversation: {exc}",
             user_error=True,
         ) from exc
-    return [next(texts) if conversation else empty for conversation in conversations]
+    return rendered
 
 
 def render_conversations(

@@ -16,6 +16,8 @@ from worker.masking import (
     TokenizedBatch,
     TokenizedExample,
     _trained_by_spans,
+    chat_template_of,
+    render_conversations,
     render_marked,
     tokenize_batch,
     tokenize_example,
@@ -208,6 +210,21 @@ class TestMessagesDefaultTemplate:
 
 class TestMessagesChatTemplate:
     """A tokenizer with its own (ChatML) template and control tokens."""
+
+    @pytest.mark.parametrize("with_template", [True, False])
+    def test_conversations_render_as_apply_chat_template_renders_them(
+        self, chat: PreTrainedTokenizerBase, plain: PreTrainedTokenizerBase, with_template: bool
+    ) -> None:
+        tokenizer = chat if with_template else plain
+        with_none = [{"role": "user", "content": "hi", "name": None}, *CONVERSATION[2:3]]
+        conversations = [CONVERSATION, CONVERSATION[:2], with_none]
+        rendered = [text for text, _ in render_conversations(tokenizer, conversations)]
+        assert rendered == [
+            tokenizer.apply_chat_template(
+                conversation, chat_template=chat_template_of(tokenizer), tokenize=False
+            )
+            for conversation in conversations
+        ]
 
     def test_every_assistant_turn_with_its_end_marker(self, chat: PreTrainedTokenizerBase) -> None:
         example = tokenize_example(chat, {"messages": CONVERSATION}, "messages")
