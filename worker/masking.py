@@ -211,11 +211,14 @@ def render_conversations(
     return list(zip(full, spans, strict=True))
 
 
-def render_conversation(
-    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]]
-) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the [start, end) character spans of its assistant turns."""
-    return render_conversations(tokenizer, [messages])[0]
+def _end_to_end(pairs: list[list[tuple[int, int]]], bases: np.ndarray) -> np.ndarray:
+    """Each rendering's (start, end) pairs moved to where the rendering starts, as (n, 2)."""
+    counts = np.fromiter(map(len, pairs), dtype=np.int64, count=len(pairs))
+    flat = chain.from_iterable(chain.from_iterable(pairs))
+    return (
+        np.fromiter(flat, dtype=np.int64, count=2 * int(counts.sum())).reshape(-1, 2)
+        + np.repeat(bases, counts)[:, None]
+    )
 
 
 def _trained_by_spans(
@@ -232,24 +235,7 @@ def _trained_by_spans(
     at the end of one rendering off a span at the start of the next.
     """
     bases = offsets_of([length + 1 for length in text_lengths])[:-1]
-    tokens = np.fromiter(map(len, offsets), dtype=np.int64, count=len(offsets))
-    pairs = (
-        np.fromiter(
-            chain.from_iterable(chain.from_iterable(offsets)),
-            dtype=np.int64,
-            count=2 * tokens.sum(),
-        ).reshape(-1, 2)
-        + np.repeat(bases, tokens)[:, None]
-    )
-    span_counts = [len(example_spans) for example_spans in spans]
-    span_pairs = (
-        np.fromiter(
-            chain.from_iterable(chain.from_iterable(spans)),
-            dtype=np.int64,
-            count=2 * sum(span_counts),
-        ).reshape(-1, 2)
-        + np.repeat(bases, span_counts)[:, None]
-    )
+    pairs, span_pairs = _end_to_end(offsets, bases), _end_to_end(spans, bases)
     if not len(span_pairs):
         return np.zeros(len(pairs), dtype=bool)
     starts, ends = pairs[:, 0], pairs[:, 1]
@@ -259,17 +245,21 @@ def _trained_by_spans(
     return found & (candidate_start < np.maximum(ends, starts + 1))
 
 
+def _backend(tokenizer: PreTrainedTokenizerBase) -> Any:
+    """The Rust tokenizer of a fast tokenizer (else None), in the state `tokenizer(...)` uses:
+    no truncation, no padding, its special-token handling. One ordinary call puts it there."""
+    tokenizer([""], add_special_tokens=False, return_attention_mask=False, verbose=False)
+    return getattr(tokenizer, "_tokenizer", None)
+
+
 def batch_encoder(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[str]], list[list[int]]]:
     """A function from texts to their token ids (no special tokens).
 
     For a fast tokenizer this calls the Rust backend's `encode_batch_fast` directly: the same
     ids as `tokenizer(texts)`, without the offsets and the per-example Python dicts that
-    `BatchEncoding` builds, and with the GIL released while Rust works. One ordinary call first
-    puts the backend in the state `tokenizer(...)` uses (no truncation, no padding, its special
-    token handling).
+    `BatchEncoding` builds, and with the GIL released while Rust works.
     """
-    backend = getattr(tokenizer, "_tokenizer", None)
-    tokenizer([""], add_special_tokens=False, return_attention_mask=False, verbose=False)
+    backend = _backend(tokenizer)
     if backend is not None and hasattr(backend, "encode_batch_fast"):
 
         def encode_fast(texts: list[str]) -> list[list[int]]:
@@ -310,8 +300,7 @@ def _conversations(tokenizer: PreTrainedTokenizerBase, records: Sequence[Any]) -
         )
     rendered = render_conversations(tokenizer, [record["messages"] for record in records])
     texts = [text for text, _ in rendered]
-    batch_encoder(tokenizer)  # the backend in the state `tokenizer(...)` leaves it
-    encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+    encodings = _backend(tokenizer).encode_batch(texts, add_special_tokens=False)
     ids = [encoding.ids for encoding in encodings]
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     return TokenizedBatch(
