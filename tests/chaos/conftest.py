@@ -78,6 +78,19 @@ class Stack:
 
         wait_for(ready, timeout=90, what=f"worker {name}")
 
+    def job_with_a_standby(
+        self,
+    ) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes], str]:
+        """Worker "first" training a new job past its first step, and worker "second" ready to
+        take it over: (first, second, job id)."""
+        first = self.start_worker("first")
+        self.wait_ready("first", first)
+        job_id = self.create_job()
+        self.wait_step(job_id, 1)
+        second = self.start_worker("second")
+        self.wait_ready("second", second)
+        return first, second, job_id
+
     def create_job(self, base_model: str = TINY, **hyperparameters: Any) -> str:
         dataset = self.client.upload(learnable_text())
         job = self.client.create_job(

@@ -19,12 +19,7 @@ class TestKilledWorker:
     def test_kill_9_mid_training_resumes_on_another_worker_and_matches_a_clean_run(
         self, stack: Stack
     ) -> None:
-        first = stack.start_worker("first")
-        stack.wait_ready("first", first)
-        job_id = stack.create_job()
-        stack.wait_step(job_id, 1)
-        second = stack.start_worker("second")
-        stack.wait_ready("second", second)
+        first, _, job_id = stack.job_with_a_standby()
         wait_for(lambda: stack.checkpoint_steps(job_id), timeout=60, what="a checkpoint")
         killed_at = stack.step(job_id)
         newest = stack.checkpoint_steps(job_id)[0]

@@ -9,12 +9,7 @@ from tests.processes import wait_for
 
 class TestStoppedWorker:
     def test_sigterm_checkpoints_requeues_and_the_job_resumes(self, stack: Stack) -> None:
-        first = stack.start_worker("first")
-        stack.wait_ready("first", first)
-        job_id = stack.create_job()
-        stack.wait_step(job_id, 1)
-        second = stack.start_worker("second")
-        stack.wait_ready("second", second)
+        first, _, job_id = stack.job_with_a_standby()
         stack.wait_step(job_id, 5)
         step_before = stack.step(job_id)
 
@@ -44,12 +39,7 @@ class TestStoppedWorker:
     def test_a_worker_paused_past_its_lease_stops_writing_and_the_job_finishes_once(
         self, stack: Stack
     ) -> None:
-        first = stack.start_worker("first")
-        stack.wait_ready("first", first)
-        job_id = stack.create_job()
-        stack.wait_step(job_id, 1)
-        second = stack.start_worker("second")
-        stack.wait_ready("second", second)
+        first, _, job_id = stack.job_with_a_standby()
         wait_for(lambda: stack.checkpoint_steps(job_id), timeout=60, what="a checkpoint")
         paused_at = stack.step(job_id)
 
