@@ -50,6 +50,7 @@ __all__ = [
     "percentile",
     "print_table",
     "rss_bytes",
+    "running_bare_app",
     "hwm_bytes",
     "running_api",
     "running_worker",
@@ -270,6 +271,24 @@ def wait_http(url: str, timeout: float = 60) -> None:
             return False
 
     wait_for(up, timeout=timeout, what=url)
+
+
+@contextmanager
+def running_bare_app(folder: Path, *args: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """`benchmarks/bare_app.py` (the reference server) on a free port, answering: (process,
+    base URL). Stopped when the block ends; its log is `folder/bare.log`."""
+    port = free_port()
+    command = [sys.executable, str(ROOT / "benchmarks" / "bare_app.py"), "--port", str(port)]
+    with open(folder / "bare.log", "wb") as log:
+        bare = subprocess.Popen(
+            [*command, *args], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{base_url}/constant")
+        yield bare, base_url
+    finally:
+        stop(bare)
 
 
 def seconds_since(started: float) -> float:

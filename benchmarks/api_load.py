@@ -18,14 +18,11 @@ from pathlib import Path
 
 import httpx
 from _common import (
-    ROOT,
-    free_port,
     median,
     print_header,
     print_table,
+    running_bare_app,
     service_stack,
-    stop,
-    wait_http,
 )
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
@@ -85,64 +82,45 @@ def main() -> None:
         models = folder / "models" / "bench"
         models.mkdir(parents=True)
         (models / "config.json").write_text('{"model_type": "gpt2", "n_positions": 1024}')
-        port = free_port()
-        with open(folder / "bare.log", "wb") as log:
-            bare = subprocess.Popen(
-                [
-                    sys.executable,
-                    str(ROOT / "benchmarks" / "bare_app.py"),
-                    "--port",
-                    str(port),
-                    "--workers",
-                    str(args.workers),
-                    *log_args,
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        bare_url = f"http://127.0.0.1:{port}"
-        try:
-            wait_http(f"{bare_url}/constant")
-            with service_stack(
-                models_dir=folder / "models", api_args=["--workers", str(args.workers), *log_args]
-            ) as stack:
-                with httpx.Client(base_url=stack.base_url, headers=stack.headers) as client:
-                    files = {"file": ("d.txt", b"hello world\n" * 100)}
-                    dataset = client.post("/datasets", files=files).raise_for_status().json()
-                    body = {"base_model": "bench", "dataset_id": dataset["id"]}
-                    job = client.post("/jobs", json=body).raise_for_status().json()
-                    assert client.get(f"/jobs/{job['id']}").status_code == 200
-                script = folder / "post.lua"
-                script.write_text(POST_LUA % dataset["id"])
-                get_url = f"{stack.base_url}/jobs/{job['id']}"
-                results: dict[str, list[dict]] = {"get": [], "bare": [], "post": []}
-                # A short warm-up of each, then the measured runs.
-                wrk(get_url, 2, args.connections, stack.headers, None)
-                wrk(f"{bare_url}/constant", 2, args.connections, {}, None)
-                for index in range(args.runs):
-                    results["get"].append(
-                        wrk(get_url, args.seconds, args.connections, stack.headers, None)
+        server_args = ["--workers", str(args.workers), *log_args]  # the same for both
+        with (
+            running_bare_app(folder, *server_args) as (_, bare_url),
+            service_stack(models_dir=folder / "models", api_args=server_args) as stack,
+        ):
+            with httpx.Client(base_url=stack.base_url, headers=stack.headers) as client:
+                files = {"file": ("d.txt", b"hello world\n" * 100)}
+                dataset = client.post("/datasets", files=files).raise_for_status().json()
+                body = {"base_model": "bench", "dataset_id": dataset["id"]}
+                job = client.post("/jobs", json=body).raise_for_status().json()
+                assert client.get(f"/jobs/{job['id']}").status_code == 200
+            script = folder / "post.lua"
+            script.write_text(POST_LUA % dataset["id"])
+            get_url = f"{stack.base_url}/jobs/{job['id']}"
+            results: dict[str, list[dict]] = {"get": [], "bare": [], "post": []}
+            # A short warm-up of each, then the measured runs.
+            wrk(get_url, 2, args.connections, stack.headers, None)
+            wrk(f"{bare_url}/constant", 2, args.connections, {}, None)
+            for index in range(args.runs):
+                results["get"].append(
+                    wrk(get_url, args.seconds, args.connections, stack.headers, None)
+                )
+                results["bare"].append(
+                    wrk(f"{bare_url}/constant", args.seconds, args.connections, {}, None)
+                )
+                results["post"].append(
+                    wrk(
+                        f"{stack.base_url}/jobs",
+                        args.seconds,
+                        args.connections,
+                        stack.headers,
+                        script,
                     )
-                    results["bare"].append(
-                        wrk(f"{bare_url}/constant", args.seconds, args.connections, {}, None)
-                    )
-                    results["post"].append(
-                        wrk(
-                            f"{stack.base_url}/jobs",
-                            args.seconds,
-                            args.connections,
-                            stack.headers,
-                            script,
-                        )
-                    )
-                    print(
-                        f"   run {index + 1}: "
-                        + ", ".join(f"{k} {v[-1]['rps']:,.0f} req/s" for k, v in results.items()),
-                        flush=True,
-                    )
-        finally:
-            stop(bare)
+                )
+                print(
+                    f"   run {index + 1}: "
+                    + ", ".join(f"{k} {v[-1]['rps']:,.0f} req/s" for k, v in results.items()),
+                    flush=True,
+                )
 
     def row(name: str, runs: list[dict]) -> list:
         errors = sum(r["non2xx"] for r in runs)

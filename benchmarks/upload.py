@@ -11,23 +11,19 @@ minus its RSS just before the upload. Runs alternate (service, bare, ...).
 
 import argparse
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 from _common import (
-    ROOT,
-    free_port,
     hwm_bytes,
     median,
     print_header,
     print_table,
     rss_bytes,
+    running_bare_app,
     service_stack,
-    stop,
-    wait_http,
 )
 
 
@@ -92,25 +88,8 @@ def main() -> None:
         make_file(source, args.mib)
         received = folder / "bare-received"
         received.mkdir()
-        port = free_port()
-        with open(folder / "bare.log", "wb") as log:
-            bare = subprocess.Popen(
-                [
-                    sys.executable,
-                    str(ROOT / "benchmarks" / "bare_app.py"),
-                    "--port",
-                    str(port),
-                    "--upload-dir",
-                    str(received),
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        bare_url = f"http://127.0.0.1:{port}"
         service_runs, bare_runs = [], []
-        try:
-            wait_http(f"{bare_url}/constant")
+        with running_bare_app(folder, "--upload-dir", str(received)) as (bare, bare_url):
             limit = str(4 * args.mib * 1024 * 1024)
             with service_stack(extra={"max_dataset_bytes": limit}) as stack:
                 for index in range(args.runs):
@@ -130,8 +109,6 @@ def main() -> None:
                         f"(+{bare_runs[-1]['growth'] / 2**20:.1f} MiB)",
                         flush=True,
                     )
-        finally:
-            stop(bare)
 
     def row(name: str, runs: list[dict[str, float]]) -> list[object]:
         return [
