@@ -70,8 +70,9 @@ def open_write(key: str) -> Iterator[BinaryIO]:
         partial.unlink(missing_ok=True)
 
 
-def _fsync_dir(folder: Path) -> None:
-    descriptor = os.open(folder, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a folder's entries, to disk."""
+    descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
     finally:
@@ -94,14 +95,14 @@ def open_dir_write(key: str) -> Iterator[Path]:
     partial.mkdir()
     try:
         yield partial
-        _fsync_dir(partial)
+        fsync_path(partial)
         if final.exists():
             # os.replace cannot replace a non-empty folder: move the old one aside first.
             stale = final.with_name(f".{final.name}.{uuid.uuid4().hex}.stale")
             os.replace(final, stale)
             shutil.rmtree(stale, ignore_errors=True)
         os.replace(partial, final)
-        _fsync_dir(final.parent)
+        fsync_path(final.parent)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
 

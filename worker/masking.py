@@ -58,10 +58,6 @@ class TokenizedExample:
     input_ids: list[int]
     labels: list[int]
 
-    @property
-    def trainable(self) -> int:
-        return sum(1 for label in self.labels if label != IGNORE_INDEX)
-
 
 def offsets_of(lengths: np.ndarray | list[int]) -> np.ndarray:
     """Where consecutive pieces of these lengths start, and where the last one ends (int64)."""

@@ -28,6 +28,7 @@ from safetensors.numpy import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
 from shared.settings import get_settings
+from shared.storage import fsync_path
 from worker.masking import DEFAULT_CHAT_TEMPLATE
 from worker.packing import OPEN_ROWS, PackedData, PackStats
 
@@ -131,14 +132,6 @@ def _discard(folder: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _sweep_stale_temps(root: Path) -> None:
     """Temporary folders of writers that died long ago."""
     for path in root.glob(f"{_TEMP_PREFIX}*"):
@@ -167,7 +160,7 @@ def store(key: str, data: PackedData) -> Path:
         meta = {"key": key, "version": CACHE_VERSION, "stats": data.stats.as_dict()}
         (temp / "meta.json").write_text(json.dumps(meta, sort_keys=True))
         for name in ("tokens.safetensors", "meta.json"):
-            _fsync(temp / name)
+            fsync_path(temp / name)
         try:
             os.replace(temp, final)
         except OSError:
@@ -175,7 +168,7 @@ def store(key: str, data: PackedData) -> Path:
                 raise
             # Another job stored the same key first: same inputs, same data; keep theirs.
         else:
-            _fsync(root)
+            fsync_path(root)
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     return final

@@ -140,7 +140,7 @@ class TestWholeOrAbsent:
         def crash_after_tokens(path: Path) -> None:
             raise OSError("disk pulled")
 
-        monkeypatch.setattr(token_cache, "_fsync", crash_after_tokens)  # after both files
+        monkeypatch.setattr(token_cache, "fsync_path", crash_after_tokens)  # after both files
         with pytest.raises(OSError):
             store(key, data)
         assert load(key) is None
