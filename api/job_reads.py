@@ -17,7 +17,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from sqlalchemy import bindparam, make_url, select
 from sqlalchemy.dialects import postgresql
 
-from shared.db import engine_for
+from shared.db import autocommit, engine_for
 from shared.models import Job
 
 # Every column of a job, each under its attribute's name (`metadata_`), so that a row reads
@@ -88,8 +88,7 @@ class PostgresJobReader:
 
 class ThreadedJobReader:
     def __init__(self, database_url: str) -> None:
-        # Each statement standing alone: no BEGIN before the SELECT, no ROLLBACK after it.
-        self._engine = engine_for(database_url).execution_options(isolation_level="AUTOCOMMIT")
+        self._engine = autocommit(engine_for(database_url))
 
     async def open(self) -> None:
         return None

@@ -54,11 +54,16 @@ def new_session() -> Session:
 
 
 @lru_cache
+def autocommit(engine: Engine) -> Engine:
+    """The engine's pool with each statement standing alone: a lone SELECT then needs no BEGIN
+    before it and no ROLLBACK when its connection goes back to the pool, one round trip to the
+    database instead of three. For reads only."""
+    return engine.execution_options(isolation_level="AUTOCOMMIT")
+
+
+@lru_cache
 def _read_session_factory(engine: Engine) -> sessionmaker[Session]:
-    # Autocommit: a lone SELECT then needs no BEGIN before it and no ROLLBACK when its
-    # connection goes back to the pool, one round trip to the database instead of three.
-    autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
-    return sessionmaker(bind=autocommit, expire_on_commit=False)
+    return sessionmaker(bind=autocommit(engine), expire_on_commit=False)
 
 
 def read_session() -> Session:
