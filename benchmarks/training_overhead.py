@@ -36,28 +36,9 @@ VERBS = ["is next to", "is behind", "looks like", "is far from"]
 
 def build_model(models_dir: Path) -> Path:
     """GPT-2 with 4 layers of width 256: big enough that a step dominates, small for CPU."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from tests.tiny_model import build_tiny_model
 
-    from tests.tiny_model import _train_tokenizer
-
-    target = models_dir / MODEL
-    target.mkdir(parents=True, exist_ok=True)
-    tokenizer = _train_tokenizer()
-    config = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_positions=1024,
-        n_embd=256,
-        n_layer=4,
-        n_head=4,
-        bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1234)
-        GPT2LMHeadModel(config).save_pretrained(target)
-    tokenizer.save_pretrained(target)
-    return target
+    return build_tiny_model(models_dir, MODEL, layers=4, width=256, heads=4, seed=1234)
 
 
 def corpus(lines: int, offset: int = 0) -> bytes:

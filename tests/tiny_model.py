@@ -48,23 +48,33 @@ def _train_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def build_tiny_model(models_dir: Path, name: str = "tiny-gpt2") -> Path:
-    """Save a 2-layer GPT-2 (safetensors) and its tokenizer to `models_dir/name`."""
+def build_tiny_model(
+    models_dir: Path,
+    name: str = "tiny-gpt2",
+    *,
+    layers: int = 2,
+    width: int = 64,
+    heads: int = 2,
+    positions: int = 1024,
+    seed: int = SEED,
+) -> Path:
+    """Save a GPT-2 (safetensors, 2 layers of width 64 unless asked otherwise) and the tiny
+    byte-level BPE tokenizer to `models_dir/name`."""
     target = Path(models_dir) / name
     target.mkdir(parents=True, exist_ok=True)
     tokenizer = _train_tokenizer()
     config = GPT2Config(
         vocab_size=len(tokenizer),
-        n_positions=1024,
-        n_embd=64,
-        n_layer=2,
-        n_head=2,
+        n_positions=positions,
+        n_embd=width,
+        n_layer=layers,
+        n_head=heads,
         bos_token_id=tokenizer.eos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
     # Seed a private generator state so building the model does not disturb the caller's RNG.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SEED)
+        torch.manual_seed(seed)
         model = GPT2LMHeadModel(config)
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)

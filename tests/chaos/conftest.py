@@ -15,9 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from sqlalchemy import select
-from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from shared.db import engine_for
 from shared.models import Job, JobEvent
@@ -25,6 +23,7 @@ from tests.e2e.client import TuneryClient
 from tests.e2e.conftest import home, postgres_url, pytest_runtest_makereport, redis_url  # noqa: F401
 from tests.e2e.test_training import learnable_text
 from tests.processes import make_key, running_api, start, stop, tunery_environment, wait_for
+from tests.tiny_model import build_tiny_model
 
 TINY = "tiny-gpt2"
 WIDE = "wide-gpt2"  # ~3.5M parameters: a checkpoint takes long enough to kill in the middle
@@ -152,21 +151,7 @@ def chaos_models(models_dir: Path) -> Path:
     """The shared models directory, plus a wider GPT-2 with the tiny one's tokenizer."""
     target = models_dir / WIDE
     if not (target / "config.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(models_dir / TINY)
-        eos = tokenizer.eos_token_id
-        config = GPT2Config(
-            vocab_size=len(tokenizer),
-            n_positions=128,
-            n_embd=256,
-            n_layer=4,
-            n_head=4,
-            bos_token_id=eos,
-            eos_token_id=eos,
-        )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            GPT2LMHeadModel(config).save_pretrained(target)
-        tokenizer.save_pretrained(target)
+        build_tiny_model(models_dir, WIDE, layers=4, width=256, heads=4, positions=128, seed=0)
     return models_dir
 
 
