@@ -8,6 +8,7 @@ other routes' reads do. The app opens a reader at startup and closes it at shutd
 async pool belongs to the event loop that opened it.
 """
 
+from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
 import psycopg
@@ -43,21 +44,26 @@ class JobReader(Protocol):
 
 class PostgresJobReader:
     def __init__(self, database_url: str) -> None:
-        conninfo = make_url(database_url).set(drivername="postgresql")
+        self._conninfo = (
+            make_url(database_url)
+            .set(drivername="postgresql")
+            .render_as_string(hide_password=False)
+        )
+        self._options = {
+            "autocommit": True,
+            "row_factory": namedtuple_row,
+            "connect_timeout": 3,
+            "application_name": APPLICATION_NAME,
+        }
         self._sql = str(JOB_BY_ID.compile(dialect=postgresql.psycopg.dialect()))
         self._pool = AsyncConnectionPool(
-            conninfo.render_as_string(hide_password=False),
+            self._conninfo,
             min_size=2,
             max_size=16,
-            # While PostgreSQL is away a request waits this long for a connection, then 503s.
+            # How long a read waits for a pooled connection before it opens its own.
             timeout=1,
             open=False,
-            kwargs={
-                "autocommit": True,
-                "row_factory": namedtuple_row,
-                "connect_timeout": 3,
-                "application_name": APPLICATION_NAME,
-            },
+            kwargs=self._options,
             name="job-reads",
         )
 
@@ -67,18 +73,22 @@ class PostgresJobReader:
 
     async def get(self, job_id: str) -> Any | None:
         try:
-            return await self._select(job_id)
-        except PoolTimeout:  # no connection to be had: PostgreSQL is away
-            raise
+            return await self._select(self._pool.connection(), job_id)
+        except PoolTimeout:
+            # After an outage the pool retries its connections 1, 2, 4, 8... s apart, so it can
+            # stay empty for seconds after the server is back; a connection of our own is
+            # answered at once (or refused at once while the server is away: a 503).
+            own = await psycopg.AsyncConnection.connect(self._conninfo, **self._options)
+            return await self._select(own, job_id)
         except psycopg.OperationalError:
             # A server restart breaks every pooled connection at once, and the pool finds out
             # one failed request at a time. Test them all, then read once more: a read can be
             # repeated, and the caller gets the job rather than a 503 for a server that is back.
             await self._pool.check()
-            return await self._select(job_id)
+            return await self._select(self._pool.connection(), job_id)
 
-    async def _select(self, job_id: str) -> Any | None:
-        async with self._pool.connection() as connection:
+    async def _select(self, connecting: AbstractAsyncContextManager[Any], job_id: str) -> Any:
+        async with connecting as connection:
             cursor = await connection.execute(self._sql, {"job_id": job_id})
             return await cursor.fetchone()
 

@@ -5,10 +5,11 @@ import time
 import psycopg
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import make_url
+from sqlalchemy import create_engine, make_url, text
 
 from api.job_reads import APPLICATION_NAME
 from shared.settings import get_settings
+from tests.conftest import POSTGRES_ADMIN_URL
 
 
 def app_with(monkeypatch: pytest.MonkeyPatch, **environment: str) -> TestClient:
@@ -102,5 +103,31 @@ class TestJobReadsAfterAServerRestart:
         assert cut is not None and cut[0] >= 1
         # The first read meets a dead connection; the reader tests the pool and reads again.
         response = client.get("/jobs/job_x", headers=auth_headers)
+        assert response.status_code == 404, response.text
+        assert response.json()["error"]["code"] == "not_found"
+
+    def test_a_read_as_the_server_comes_back_does_not_wait_for_the_pools_retries(
+        self, client, auth_headers, database_url, monkeypatch
+    ):
+        if not database_url.startswith("postgresql"):
+            pytest.skip("SQLite has no server to come back")
+        assert client.get("/jobs/job_x", headers=auth_headers).status_code == 404  # key known
+        name = make_url(database_url).database
+        admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+        with admin.connect() as connection:
+            connection.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false'))
+        try:
+            # An app whose pool meets a server that refuses it, as during an outage: a read
+            # answers 503, and the pool's next attempts come 1, 2, 4... s apart.
+            with app_with(monkeypatch) as fresh:
+                assert fresh.get("/jobs/job_x", headers=auth_headers).status_code == 503
+                time.sleep(0.5)  # past the retry 1 s in: the next one is ~2 s later
+                with admin.connect() as connection:
+                    connection.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
+                response = fresh.get("/jobs/job_x", headers=auth_headers)
+        finally:
+            with admin.connect() as connection:
+                connection.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
+            admin.dispose()
         assert response.status_code == 404, response.text
         assert response.json()["error"]["code"] == "not_found"
