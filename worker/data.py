@@ -13,14 +13,14 @@ are streamed and tokenized in batches. The packed result is cached (`worker.toke
 a key of everything it depends on, so later jobs and resumed attempts skip tokenization.
 """
 
+import gc
 import logging
 import math
 import random
 from array import array
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -33,7 +33,7 @@ from shared.models import Dataset
 from worker import token_cache
 from worker.collate import Mode, PackedCollator, PackedDataset
 from worker.errors import JobFailure
-from worker.masking import TokenizedBatch, batch_encoder, eos_id, tokenize_batch
+from worker.masking import BatchTokenizer, TokenizedBatch, eos_id
 from worker.packing import PackedData, PackStats, pack_examples, pack_token_stream
 
 logger = logging.getLogger(__name__)
@@ -132,51 +132,12 @@ class PackedBlocks(TorchDataset):
         return cls(torch.from_numpy(packed.input_ids).view(len(packed), width))
 
 
+@dataclass
 class _TokenStream:
-    """Token ids of many examples, each followed by EOS, concatenated.
+    """Token ids of many examples, each followed by EOS, end to end: 4 bytes a token."""
 
-    A full batch is tokenized on `executor`'s thread while the caller reads the next one; at
-    most one batch per stream is in flight, so memory stays bounded.
-    """
-
-    def __init__(
-        self,
-        encode: Callable[[list[str]], list[list[int]]],
-        eos_id: int,
-        executor: ThreadPoolExecutor,
-    ) -> None:
-        self.encode = encode
-        self.eos_id = eos_id
-        self.executor = executor
-        self.ids = array("i")
-        self.examples = 0
-        self._pending: list[str] = []
-        self._in_flight: Future[list[list[int]]] | None = None
-
-    def add(self, text: str) -> None:
-        self._pending.append(text)
-        if len(self._pending) >= TOKENIZE_BATCH:
-            self._submit()
-
-    def _submit(self) -> None:
-        batch, self._pending = self._pending, []
-        self._collect()
-        self._in_flight = self.executor.submit(self.encode, batch)
-        self.examples += len(batch)
-
-    def _collect(self) -> None:
-        if self._in_flight is None:
-            return
-        encoded, self._in_flight = self._in_flight.result(), None
-        ids, eos = self.ids, self.eos_id
-        for example in encoded:
-            ids.extend(example)
-            ids.append(eos)
-
-    def flush(self) -> None:
-        if self._pending:
-            self._submit()
-        self._collect()
+    ids: array = field(default_factory=lambda: array("i"))
+    examples: int = 0
 
 
 @dataclass
@@ -208,6 +169,22 @@ class PreparedData:
         return self.eval_stats.tokens + self.eval_stats.discarded_tokens
 
 
+@contextmanager
+def _cyclic_gc_paused() -> Iterator[None]:
+    """Preparing data makes millions of short-lived lists, tuples and dicts and no reference
+    cycles, yet each burst of allocations would start the cyclic collector, which walks the
+    worker's whole heap (torch, transformers): a fifth of a chat dataset's preparation."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+@_cyclic_gc_paused()
 def prepare_data(
     tokenizer: PreTrainedTokenizerBase,
     train_dataset: Dataset,
@@ -246,21 +223,21 @@ def prepare_data(
     }
     keys = _cache_keys(tokenizer, train_dataset, block_size, options) if use_cache else None
     cached = _from_cache(keys)
+    # A generator: the dataset is read only if a branch below consumes it.
+    batches = _tokenized(
+        tokenizer, train_dataset, validation_dataset, validation_split, seed, on_progress
+    )
     if cached is not None:
         train, held_out = cached
     elif shape == "text":
-        train_stream, eval_stream = _tokenize_text(
-            tokenizer, train_dataset, validation_dataset, validation_split, seed, on_progress
-        )
-        train = pack_token_stream(train_stream.ids, train_stream.examples, block_size)
-        held_out = _pack_eval(eval_stream, block_size)
+        streams = _token_streams(batches)
+        train = pack_token_stream(streams[False].ids, streams[False].examples, block_size)
+        held_out = _pack_eval(streams[True], block_size)
     else:
-        train_examples, eval_examples = _tokenize_masked(
-            tokenizer, train_dataset, validation_dataset, validation_split, seed, on_progress
-        )
+        examples = _examples(batches)
         pack = bool(options["pack"])
-        train = pack_examples(train_examples, block_size, truncation, pack=pack)
-        held_out = pack_examples(eval_examples, block_size, truncation, pack=pack)
+        train = pack_examples(examples[False], block_size, truncation, pack=pack)
+        held_out = pack_examples(examples[True], block_size, truncation, pack=pack)
     if len(train) == 0:
         raise JobFailure(
             "dataset_too_small",
@@ -325,54 +302,50 @@ def _split(
         yield mask is not None and bool(mask[index]), record
 
 
-def _tokenize_text(
+def _tokenized(
     tokenizer: PreTrainedTokenizerBase,
     train_dataset: Dataset,
     validation_dataset: Dataset | None,
     validation_split: float,
     seed: int,
     on_progress: Callable[[], None],
-) -> tuple[_TokenStream, _TokenStream]:
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize") as executor:
-        encode = batch_encoder(tokenizer)
-        train = _TokenStream(encode, eos_id(tokenizer), executor)
-        held_out = _TokenStream(encode, eos_id(tokenizer), executor)
-        split = _split(train_dataset, validation_dataset, validation_split, seed)
-        for index, (is_held_out, record) in enumerate(split):
-            (held_out if is_held_out else train).add(example_text(record))
-            if index % TOKENIZE_BATCH == 0:
-                on_progress()
-        train.flush()
-        held_out.flush()
-    return train, held_out
-
-
-def _tokenize_masked(
-    tokenizer: PreTrainedTokenizerBase,
-    train_dataset: Dataset,
-    validation_dataset: Dataset | None,
-    validation_split: float,
-    seed: int,
-    on_progress: Callable[[], None],
-) -> tuple[TokenizedBatch, TokenizedBatch]:
-    shape = train_dataset.shape
-    tokenized: dict[bool, list[TokenizedBatch]] = {False: [], True: []}
-    pending: dict[bool, list[Any]] = {False: [], True: []}
-
-    def flush(is_held_out: bool) -> None:
-        if not pending[is_held_out]:
-            return
-        tokenized[is_held_out].append(tokenize_batch(tokenizer, pending[is_held_out], shape))
-        pending[is_held_out] = []
+) -> Iterator[tuple[bool, TokenizedBatch]]:
+    """(held out?, tokenized batch) for every batch of the split, in file order."""
+    split = _split(train_dataset, validation_dataset, validation_split, seed)
+    tokenize = BatchTokenizer(tokenizer, train_dataset.shape)
+    for is_held_out, batch in tokenize.pipelined(_batches(split)):
+        yield is_held_out, batch
         on_progress()
 
-    for is_held_out, record in _split(train_dataset, validation_dataset, validation_split, seed):
+
+def _token_streams(batches: Iterator[tuple[bool, TokenizedBatch]]) -> dict[bool, _TokenStream]:
+    streams = {False: _TokenStream(), True: _TokenStream()}
+    for is_held_out, batch in batches:
+        streams[is_held_out].ids.frombytes(batch.input_ids.tobytes())
+        streams[is_held_out].examples += len(batch)
+    return streams
+
+
+def _examples(
+    batches: Iterator[tuple[bool, TokenizedBatch]],
+) -> dict[bool, TokenizedBatch]:
+    tokenized: dict[bool, list[TokenizedBatch]] = {False: [], True: []}
+    for is_held_out, batch in batches:
+        tokenized[is_held_out].append(batch)
+    return {split: TokenizedBatch.concatenate(parts) for split, parts in tokenized.items()}
+
+
+def _batches(split: Iterable[tuple[bool, Any]]) -> Iterator[tuple[bool, list[Any]]]:
+    """The split's records in batches of `TOKENIZE_BATCH`, held-out ones apart, in file order."""
+    pending: dict[bool, list[Any]] = {False: [], True: []}
+    for is_held_out, record in split:
         pending[is_held_out].append(record)
         if len(pending[is_held_out]) >= TOKENIZE_BATCH:
-            flush(is_held_out)
-    flush(False)
-    flush(True)
-    return TokenizedBatch.concatenate(tokenized[False]), TokenizedBatch.concatenate(tokenized[True])
+            yield is_held_out, pending[is_held_out]
+            pending[is_held_out] = []
+    for is_held_out, records in pending.items():
+        if records:
+            yield is_held_out, records
 
 
 def _pack_eval(held_out: _TokenStream, block_size: int) -> PackedData:

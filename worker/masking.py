@@ -30,15 +30,19 @@ examples comes out as a `TokenizedBatch`: flat arrays, not a Python object per t
 """
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from itertools import chain, pairwise
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from worker.errors import JobFailure
+
+Tag = TypeVar("Tag")
 
 IGNORE_INDEX = -100  # the label PyTorch's cross entropy and transformers' losses skip
 
@@ -286,17 +290,81 @@ def _joined(pieces: list[list[int]], trained_parts: tuple[bool, ...], eos: int) 
     )
 
 
-def _conversations(tokenizer: PreTrainedTokenizerBase, records: Sequence[Any]) -> TokenizedBatch:
-    """`messages` records rendered, tokenized once, and masked by their assistant spans."""
-    if not tokenizer.is_fast:
-        raise JobFailure(
-            "base_model_invalid",
-            "chat datasets need a fast (Rust) tokenizer for exact loss masks",
-            user_error=True,
-        )
-    rendered = render_conversations(tokenizer, [record["messages"] for record in records])
-    texts = [text for text, _ in rendered]
-    encodings = _backend(tokenizer).encode_batch(texts, add_special_tokens=False)
+class BatchTokenizer:
+    """Tokenizes and masks batches of examples of one dataset shape, one tokenizer call per batch.
+
+    A batch's work has two steps: the call into the Rust tokenizer, which releases the GIL, and
+    the Python on either side of it (rendering conversations; reading ids and offsets into
+    arrays). `pipelined` runs the first step of one batch on a thread while the caller's
+    thread does the second of the batch before it and reads the next.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, shape: str) -> None:
+        if shape not in ("text", "prompt_completion", "messages"):
+            raise JobFailure("invalid_dataset", f"unknown dataset shape {shape!r}", user_error=True)
+        if shape == "messages" and not tokenizer.is_fast:
+            raise JobFailure(
+                "base_model_invalid",
+                "chat datasets need a fast (Rust) tokenizer for exact loss masks",
+                user_error=True,
+            )
+        self.tokenizer = tokenizer
+        self.shape = shape
+        self.eos = eos_id(tokenizer)
+        # Both are set up here, once: setting up touches the tokenizer's state, which must not
+        # happen while a thread is inside it.
+        self.encode_ids = batch_encoder(tokenizer)
+        self.backend = _backend(tokenizer)
+
+    def __call__(self, records: Sequence[Any]) -> TokenizedBatch:
+        encode, build = self._steps(records)
+        return build(encode())
+
+    def pipelined(
+        self, batches: Iterable[tuple[Tag, Sequence[Any]]]
+    ) -> Iterator[tuple[Tag, TokenizedBatch]]:
+        """Each batch tokenized, in order, with its tag; at most two batches in flight."""
+        in_flight: list[tuple[Tag, Future[Any], Callable[[Any], TokenizedBatch]]] = []
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize") as executor:
+            for tag, records in batches:
+                encode, build = self._steps(records)
+                in_flight.append((tag, executor.submit(encode), build))
+                if len(in_flight) == 2:
+                    yield _built(*in_flight.pop(0))
+            for waiting in in_flight:
+                yield _built(*waiting)
+
+    def _steps(
+        self, records: Sequence[Any]
+    ) -> tuple[Callable[[], Any], Callable[[Any], TokenizedBatch]]:
+        """The tokenizer call for these records, and what builds the batch from its result."""
+        if self.shape == "messages":
+            rendered = render_conversations(self.tokenizer, [r["messages"] for r in records])
+            texts = [text for text, _ in rendered]
+            encode = partial(self.backend.encode_batch, texts, add_special_tokens=False)
+            return encode, partial(_masked_by_spans, rendered=rendered)
+        if self.shape == "text":
+            texts = [record if isinstance(record, str) else record["text"] for record in records]
+            trained_parts: tuple[bool, ...] = (True,)
+        else:
+            # Side by side in one call, yet each text is tokenized on its own: the boundary stays
+            # exact.
+            texts = [text for r in records for text in (r["prompt"], r["completion"])]
+            trained_parts = (False, True)
+        build = partial(_joined, trained_parts=trained_parts, eos=self.eos)
+        return partial(self.encode_ids, texts), build
+
+
+def _built(
+    tag: Tag, encoded: Future[Any], build: Callable[[Any], TokenizedBatch]
+) -> tuple[Tag, TokenizedBatch]:
+    return tag, build(encoded.result())
+
+
+def _masked_by_spans(
+    encodings: list[Any], rendered: list[tuple[str, list[tuple[int, int]]]]
+) -> TokenizedBatch:
+    """Rendered conversations' encodings (with offsets), masked by their assistant spans."""
     ids = [encoding.ids for encoding in encodings]
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     return TokenizedBatch(
@@ -304,7 +372,7 @@ def _conversations(tokenizer: PreTrainedTokenizerBase, records: Sequence[Any]) -
         trained=_trained_by_spans(
             [encoding.offsets for encoding in encodings],
             [spans for _, spans in rendered],
-            [len(text) for text in texts],
+            [len(text) for text, _ in rendered],
         ),
         offsets=offsets_of(lengths),
     )
@@ -313,19 +381,8 @@ def _conversations(tokenizer: PreTrainedTokenizerBase, records: Sequence[Any]) -
 def tokenize_batch(
     tokenizer: PreTrainedTokenizerBase, records: Sequence[Any], shape: str
 ) -> TokenizedBatch:
-    """Tokenize and mask a batch of examples (one tokenizer call per batch, for speed)."""
-    eos = eos_id(tokenizer)
-    if shape == "text":
-        texts = [record if isinstance(record, str) else record["text"] for record in records]
-        return _joined(batch_encoder(tokenizer)(texts), (True,), eos)
-    if shape == "prompt_completion":
-        # Side by side in one call, yet each text is tokenized on its own: the boundary stays
-        # exact.
-        texts = [text for record in records for text in (record["prompt"], record["completion"])]
-        return _joined(batch_encoder(tokenizer)(texts), (False, True), eos)
-    if shape == "messages":
-        return _conversations(tokenizer, records)
-    raise JobFailure("invalid_dataset", f"unknown dataset shape {shape!r}", user_error=True)
+    """Tokenize and mask one batch of examples (see the module docstring for the rules)."""
+    return BatchTokenizer(tokenizer, shape)(records)
 
 
 def tokenize_examples(

@@ -1,5 +1,6 @@
 """Reading, rendering, splitting and packing training data (no database needed)."""
 
+import gc
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -194,6 +195,7 @@ class TestPacking:
         with pytest.raises(JobFailure) as caught:
             prepare_data(tokenizer, dataset, None, 0.0, block_size=64, seed=0)
         assert caught.value.code == "dataset_too_small" and caught.value.user_error
+        assert gc.isenabled()  # preparing pauses the cyclic collector; a failure restarts it
 
 
 def test_steps_per_epoch_counts_optimizer_steps() -> None:

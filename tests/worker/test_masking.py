@@ -13,6 +13,7 @@ from worker.errors import JobFailure
 from worker.masking import (
     DEFAULT_CHAT_TEMPLATE,
     IGNORE_INDEX,
+    BatchTokenizer,
     TokenizedBatch,
     TokenizedExample,
     _trained_by_spans,
@@ -295,6 +296,23 @@ class TestRenderMarked:
 def test_unknown_shape_is_refused(plain: PreTrainedTokenizerBase) -> None:
     with pytest.raises(JobFailure):
         tokenize_example(plain, "x", "tabular")
+
+
+@pytest.mark.parametrize("shape", ["text", "prompt_completion", "messages"])
+def test_pipelined_batches_come_back_in_order_as_one_by_one(
+    chat: PreTrainedTokenizerBase, shape: str
+) -> None:
+    records = {
+        "text": [f"line {i} of the text" for i in range(7)],
+        "prompt_completion": [{"prompt": f"Q{i}:", "completion": f" A{i}."} for i in range(7)],
+        "messages": [{"messages": CONVERSATION[: 3 + i % 3]} for i in range(7)],
+    }[shape]
+    batches = [(tag, records[start : start + 2]) for tag, start in enumerate(range(0, 7, 2))]
+    tokenize = BatchTokenizer(chat, shape)
+    pipelined = list(tokenize.pipelined(batches))
+    assert [tag for tag, _ in pipelined] == [0, 1, 2, 3]
+    for (_, batch), (_, records_of_batch) in zip(pipelined, batches, strict=True):
+        assert list(batch) == tokenize_examples(chat, records_of_batch, shape)
 
 
 def _trained_one_by_one(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:
