@@ -14,9 +14,9 @@ import logging
 import re
 import threading
 import unicodedata
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as wait_all
 from contextlib import ExitStack
 from typing import Annotated, Any, BinaryIO
 from urllib.parse import quote
@@ -49,6 +49,8 @@ Limit = Annotated[int, Query(ge=1, le=100)]
 
 # Body bytes handed to the parser at once, in a worker thread so the event loop stays free.
 BATCH_BYTES = 1024 * 1024
+# File bytes that may still be on their way to storage while the next batch is parsed.
+STORE_BACKLOG_BYTES = 8 * BATCH_BYTES
 # What a body may carry besides the file's bytes: boundaries, part headers, the format field.
 FORM_OVERHEAD_BYTES = 64 * 1024
 MAX_FIELD_BYTES = 64
@@ -120,10 +122,14 @@ class _Upload:
         self.complete = False
         # One batch at a time (`write`, `finish`); `abort` waits for the one in progress.
         self._busy = threading.Lock()
-        # The file's bytes are hashed and written here, in order, beside the validator that
-        # runs in the caller's thread (hashlib and file writes release the GIL).
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="upload-store")
-        self._stores: list[Future[None]] = []
+        # The file's bytes are hashed on one thread and written on another, each in order,
+        # beside the validator in the caller's thread (hashlib and file writes release the
+        # GIL). A batch does not wait for its own bytes to be stored: up to
+        # `STORE_BACKLOG_BYTES` may still be on their way when the next batch is parsed.
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="upload-hash")
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="upload-write")
+        self._stores: deque[tuple[int, Future[None], Future[int]]] = deque()
+        self._backlog_bytes = 0
         self._files = ExitStack()
         self._sink: BinaryIO | None = None
         self._part: str | None = None
@@ -146,33 +152,54 @@ class _Upload:
         )
 
     def write(self, data: bytes) -> None:
-        """Parse one batch of the body; returns once its file bytes are validated, hashed and
-        written (so at most this batch is held), raising the first error in body order."""
+        """Parse one batch of the body; returns once its file bytes are validated, and at most
+        `STORE_BACKLOG_BYTES` of them are still being hashed and written. Raises the first
+        error: a failed store of earlier bytes, else this batch's."""
         with self._busy:
             try:
                 self._parser.write(data)
-            except DatasetError as error:
-                raise _invalid_dataset(error) from None
-            except FormParserError as error:
+            except (DatasetError, FormParserError) as error:
+                self._settle(backlog=0)
+                if isinstance(error, DatasetError):
+                    raise _invalid_dataset(error) from None
                 raise _malformed(f"the multipart body is malformed: {error}") from None
-            finally:
-                stores, self._stores = self._stores, []
-                wait_all(stores)
-            for store in stores:
-                store.result()  # a failed write of bytes that validated
+            except BaseException:
+                self._settle(backlog=0)
+                raise
+            self._settle(backlog=STORE_BACKLOG_BYTES)
 
     def _store(self, piece: bytes) -> None:
         assert self._sink is not None
-        self.sha256.update(piece)
-        self._sink.write(piece)
+        self._stores.append(
+            (
+                len(piece),
+                self._hasher.submit(self.sha256.update, piece),
+                self._writer.submit(self._sink.write, piece),
+            )
+        )
+        self._backlog_bytes += len(piece)
+
+    def _settle(self, backlog: int) -> None:
+        """Wait until at most `backlog` bytes are still being stored, and raise the first
+        failure of the stores that are done."""
+        while self._stores and (self._backlog_bytes > backlog or self._stores[0][2].done()):
+            size, hashed, written = self._stores.popleft()
+            self._backlog_bytes -= size
+            hashed.result()
+            written.result()
 
     def finish(self) -> DatasetSummary:
         """Check the whole form, then move the file into place."""
         with self._busy:
             try:
+                self._settle(backlog=0)
                 return self._finish()
             finally:
-                self._writer.shutdown()
+                self._shutdown_stores()
+
+    def _shutdown_stores(self) -> None:
+        self._hasher.shutdown()
+        self._writer.shutdown()
 
     def _finish(self) -> DatasetSummary:
         if not self.complete:
@@ -196,7 +223,7 @@ class _Upload:
         batch still in its thread (the request was cancelled) is waited for first: at most one
         batch's work, so the file is never closed under a write."""
         with self._busy:
-            self._writer.shutdown()
+            self._shutdown_stores()
             self._files.__exit__(type(error), error, error.__traceback__)
 
     def _on_part_begin(self) -> None:
@@ -241,7 +268,7 @@ class _Upload:
             self.bytes += len(piece)
             if self.bytes > self.limit:
                 raise _too_large(self.limit)
-            self._stores.append(self._writer.submit(self._store, piece))
+            self._store(piece)
             self.validator.feed(piece)
         elif self._part == "format":
             self._field += data[start:end]

@@ -23,6 +23,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Final, Literal, NamedTuple
 
+import numpy as np
+
 Format = Literal["text", "jsonl"]
 Shape = Literal["text", "prompt_completion", "messages"]
 Example = str | dict[str, Any]
@@ -87,6 +89,23 @@ def _is_blank(line: str) -> bool:
 # only the leading newline (the rest is a lookahead) lets back-to-back blank lines each match.
 _BLANK_FIRST_LINE: Final = re.compile(r"[^\S\n]*\n")
 _BLANK_LATER_LINE: Final = re.compile(r"\n(?=[^\S\n]*\n)")
+
+
+# The ASCII characters `str.isspace` accepts: a blank line of ASCII text is empty or starts with
+# one of them.
+_ASCII_SPACE: Final = np.array([chr(code).isspace() for code in range(256)]) & (
+    np.arange(256) < 128
+)
+
+
+def _ascii_lines(block: bytes) -> tuple[int, bool]:
+    """The lines of an ASCII block that ends with a newline, and whether any of them may be
+    blank. numpy does it without a Python object per line, and lets other threads run."""
+    data = np.frombuffer(block, dtype=np.uint8)
+    newline = data == ord("\n")
+    line_starts = data[1:][newline[:-1]]  # the first byte of every line after the first
+    may_have_blanks = bool(_ASCII_SPACE[data[0]]) or bool(_ASCII_SPACE[line_starts].any())
+    return int(np.count_nonzero(newline)), may_have_blanks
 
 
 def parse_json_line(line: str, number: int) -> Any:
@@ -189,6 +208,7 @@ class Lines(NamedTuple):
     text: str
     error: DatasetError | None = None
     count: int = 0  # lines in `text`, counted once by the splitter
+    may_have_blanks: bool = True  # False when the splitter saw that no line can be blank
 
     def split(self) -> list[str]:
         """The lines, each without its newline and one trailing `\\r`."""
@@ -199,8 +219,8 @@ class Lines(NamedTuple):
     def non_blank(self) -> int:
         """How many lines are not blank, counted over the whole text at once (a `\\r` is
         whitespace, so it needs no stripping here)."""
-        if not self.text:
-            return 0
+        if not self.text or not self.may_have_blanks:
+            return self.count
         blank = len(_BLANK_LATER_LINE.findall(self.text))
         blank += _BLANK_FIRST_LINE.match(self.text) is not None
         return self.count - blank
@@ -233,8 +253,11 @@ class LineSplitter:
         self._tail_bytes = len(rest)
         first = self.lines_done + 1
         text, error = self._decode(block)
-        count = self._count(text)
-        return Lines(first, text, error or self._tail_error(), count)
+        if len(text) == len(block):  # all ASCII (no bad byte, no BOM, nothing cut off)
+            count, may_have_blanks = _ascii_lines(block)
+            self.lines_done += count
+            return Lines(first, text, self._tail_error(), count, may_have_blanks)
+        return Lines(first, text, error or self._tail_error(), self._count(text))
 
     def finish(self) -> Lines:
         """The last line, when the input does not end with a newline."""

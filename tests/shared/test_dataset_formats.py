@@ -3,6 +3,7 @@ message, and the same answers whatever the chunk boundaries."""
 
 import io
 import json
+import random
 
 import pytest
 
@@ -288,6 +289,35 @@ class TestChunkBoundaries:
             "€ at the end €",
             "no newline at the end 😀",
         ]
+
+    def test_text_counts_follow_the_rule_at_any_chunk_size(self):
+        """Counted on bytes when a block is ASCII, else on text: both give the rule's count."""
+        rng = random.Random(5)
+        ascii_space = [chr(code) for code in range(128) if chr(code).isspace() and code != 10]
+        unicode_space = [*ascii_space, "\u3000", "\xa0", "\x85", "\u2028"]
+        for _ in range(1000):
+            spaces = rng.choice([ascii_space, unicode_space])
+            letters = rng.choice([["a", "b"], ["a", "é"]])
+            lines = []
+            for _ in range(rng.randint(1, 30)):
+                kind = rng.random()
+                if kind < 0.1:  # blank: nothing, or only whitespace
+                    line = "".join(rng.choices(spaces, k=rng.randint(0, 3)))
+                elif kind < 0.2:  # whitespace first, then words
+                    line = rng.choice(spaces) + "".join(rng.choices([*letters, " "], k=5))
+                else:  # words first
+                    line = rng.choice(letters) + "".join(rng.choices([*letters, *spaces], k=8))
+                lines.append(line)
+            text = "".join(line + rng.choice(["\n", "\r\n"]) for line in lines)
+            text = text[: rng.randint(len(text) - 3, len(text))]  # maybe no final newline
+            expected = sum(1 for line in text.split("\n") if line.strip() != "")
+            data = text.encode()
+            for size in (1, 7, 64, len(data) or 1):
+                if expected == 0:
+                    assert rejection(data, "text", size).line is None
+                else:
+                    counted = validate(chunked(data, size), "text")
+                    assert counted.examples == expected, (text, size)
 
     @pytest.mark.parametrize("size", [1, 2, 3, 5, 9, 64])
     def test_jsonl_splits_anywhere(self, size):
