@@ -157,16 +157,19 @@ class _Upload:
         error: a failed store of earlier bytes, else this batch's."""
         with self._busy:
             try:
-                self._parser.write(data)
-            except (DatasetError, FormParserError) as error:
-                self._settle(backlog=0)
-                if isinstance(error, DatasetError):
-                    raise _invalid_dataset(error) from None
-                raise _malformed(f"the multipart body is malformed: {error}") from None
+                self._parse(data)
             except BaseException:
                 self._settle(backlog=0)
                 raise
             self._settle(backlog=STORE_BACKLOG_BYTES)
+
+    def _parse(self, data: bytes) -> None:
+        try:
+            self._parser.write(data)
+        except DatasetError as error:
+            raise _invalid_dataset(error) from None
+        except FormParserError as error:
+            raise _malformed(f"the multipart body is malformed: {error}") from None
 
     def _store(self, piece: bytes) -> None:
         assert self._sink is not None
@@ -220,8 +223,8 @@ class _Upload:
 
     def abort(self, error: BaseException) -> None:
         """Remove the partial file (an error passed into `open_write` skips the rename). A
-        batch still in its thread (the request was cancelled) is waited for first: at most one
-        batch's work, so the file is never closed under a write."""
+        batch still in its thread (the request was cancelled) and the bytes still being stored
+        are waited for first, so the file is never closed under a write."""
         with self._busy:
             self._shutdown_stores()
             self._files.__exit__(type(error), error, error.__traceback__)
@@ -315,7 +318,8 @@ async def _receive(request: Request, upload: _Upload, limit: int) -> DatasetSumm
     """Feed the body to the upload in batches; stop at the first error.
 
     One batch is processed in a thread while the next one is read from the socket, so the
-    network and the processing overlap with at most two batches in memory. An error in the
+    network and the processing overlap with at most two batches in memory (and up to
+    `STORE_BACKLOG_BYTES` of earlier ones on their way to storage). An error in the
     batch in the thread is raised as soon as it is seen, and comes before any error found
     later in the body (the limit, a disconnect), as if the batches had run one by one.
     """

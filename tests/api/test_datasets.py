@@ -3,6 +3,7 @@ read, download, delete, and who may see what."""
 
 import hashlib
 import re
+import resource
 from collections.abc import Iterator
 from typing import Any
 
@@ -382,6 +383,20 @@ class TestUploadRejected:
             "/datasets", headers={**auth_headers, **content_type}, content=pieces()
         )
         assert_error(response, 413, "dataset_too_large", "file")
+        assert_nothing_kept(settings)
+
+    def test_a_failed_write_keeps_no_file(self, client, auth_headers, settings):
+        # A real write error: past RLIMIT_FSIZE a write fails with EFBIG (Python ignores the
+        # SIGXFSZ signal that comes with it), as it would on a full disk. The file's bytes are
+        # written behind the parser, so the error must still reach the response.
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (3 * 1024 * 1024, hard))
+        try:
+            response = post(client, auth_headers, b"a line of the dataset\n" * 400_000)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        assert response.status_code == 500
+        assert response.json()["error"]["code"] == "internal_error"
         assert_nothing_kept(settings)
 
     def test_database_failure_keeps_no_file(self, client, auth_headers, settings, monkeypatch):
