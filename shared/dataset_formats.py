@@ -93,14 +93,12 @@ _BLANK_LATER_LINE: Final = re.compile(r"\n(?=[^\S\n]*\n)")
 
 # The ASCII characters `str.isspace` accepts: a blank line of ASCII text is empty or starts with
 # one of them.
-_ASCII_SPACE: Final = np.array([chr(code).isspace() for code in range(256)]) & (
-    np.arange(256) < 128
-)
+_ASCII_SPACE: Final = np.array([code < 128 and chr(code).isspace() for code in range(256)])
 
 
 def _ascii_lines(block: bytes) -> tuple[int, bool]:
     """The lines of an ASCII block that ends with a newline, and whether any of them may be
-    blank. numpy does it without a Python object per line, and lets other threads run."""
+    blank, found with numpy: no Python object per line."""
     data = np.frombuffer(block, dtype=np.uint8)
     newline = data == ord("\n")
     line_starts = data[1:][newline[:-1]]  # the first byte of every line after the first
