@@ -164,6 +164,43 @@ class Sample(BaseModel):
     tuned: str | None = None
 
 
+Collation = Literal["blocks", "packed", "flatten", "padded"]
+
+
+class JobPlan(BaseModel):
+    """What a job does with its data, settled before training: a dry run's whole answer, and
+    the same counts for every training job."""
+
+    examples: int = Field(description="Examples read, training and held out.")
+    train_examples: int
+    eval_examples: int = Field(description="Held-out examples (the validation set).")
+    tokens: int = Field(description="Tokens in the packed rows, training and held out.")
+    train_tokens: int
+    trainable_tokens: int = Field(description="Training tokens the loss covers, after masking.")
+    blocks: int = Field(description="Training rows of at most `block_size` tokens.")
+    eval_blocks: int
+    truncated: int = Field(description="Examples longer than `block_size`, cut to it.")
+    dropped: int = Field(description="Examples longer than `block_size`, left out.")
+    untrained: int = Field(description="Examples with no token to train on, left out.")
+    collation: Collation = Field(
+        description="How rows are batched: `blocks` (text cut into equal blocks), `packed` or "
+        "`flatten` (whole examples per row, kept apart), `padded` (one example per row)."
+    )
+    total_steps: int = Field(description="Optimizer steps the training will take.")
+    hyperparameters: Hyperparameters = Field(description="With every `auto` resolved.")
+    peak_memory_bytes: int = Field(
+        description="Estimated peak memory of training on the worker's device (not measured)."
+    )
+    cache_hit: bool = Field(description="The tokenized data came from the cache.")
+    device: Literal["cuda", "cpu"]
+    name: str | None = Field(None, description="The GPU's name, on CUDA.")
+    precision: Literal["bf16", "fp32"]
+    rendered_examples: list[str] | None = Field(
+        None,
+        description="Dry runs: the first three examples as text, trained spans marked «…».",
+    )
+
+
 class JobError(BaseModel):
     code: str
     message: str
@@ -198,10 +235,7 @@ class JobRead(BaseModel):
     resumed_from_step: int | None
     error: JobError | None
     artifact: ArtifactRead | None
-    plan: dict[str, Any] | None = Field(
-        description="What the job does with its data (a dry run's answer): examples, tokens, "
-        "blocks, truncated and dropped examples, trainable tokens, steps, memory estimate."
-    )
+    plan: JobPlan | None
     samples: list[Sample]
     suffix: str | None
     metadata: dict[str, str]

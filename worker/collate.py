@@ -22,17 +22,18 @@ Modes (`collator_mode` picks one for a model):
 """
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset as TorchDataset
 from transformers import DataCollatorWithFlattening, PreTrainedModel
 
+from shared.schemas import Collation
 from worker.masking import IGNORE_INDEX
 from worker.packing import PackedData
 
-Mode = Literal["blocks", "packed", "flatten", "padded"]
+Mode = Collation
 POSITION_MASK_ATTENTION = ("sdpa", "eager", "flex_attention")
 
 

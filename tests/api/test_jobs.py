@@ -278,6 +278,26 @@ class TestGetJob:
         assert job["status"] == "running" and job["attempt"] == 1
         assert job["progress"] == progress and job["started_at"].endswith("Z")
 
+    def test_the_plan_is_documented_field_by_field(self, client):
+        schemas = client.get("/openapi.json").json()["components"]["schemas"]
+        plan_of_a_job = schemas["JobRead"]["properties"]["plan"]["anyOf"]
+        assert {"$ref": "#/components/schemas/JobPlan"} in plan_of_a_job
+        plan = schemas["JobPlan"]["properties"]
+        # What a dry run answers (issue: examples, tokens, blocks, cut or left-out examples,
+        # trainable tokens, steps, peak memory, the first examples rendered).
+        answered = [
+            "examples",
+            "tokens",
+            "blocks",
+            "truncated",
+            "dropped",
+            "trainable_tokens",
+            "total_steps",
+            "peak_memory_bytes",
+            "rendered_examples",
+        ]
+        assert all(plan[field]["description"] for field in answered)
+
 
 class TestCancelJob:
     def test_queued_job_is_cancelled_at_once(self, client, auth_headers, dataset_id):
