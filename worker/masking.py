@@ -293,10 +293,10 @@ def _joined(pieces: list[list[int]], trained_parts: tuple[bool, ...], eos: int) 
 class BatchTokenizer:
     """Tokenizes and masks batches of examples of one dataset shape, one tokenizer call per batch.
 
-    A batch's work has two steps: the call into the Rust tokenizer, which releases the GIL, and
-    the Python on either side of it (rendering conversations; reading ids and offsets into
-    arrays). `pipelined` runs the first step of one batch on a thread while the caller's
-    thread does the second of the batch before it and reads the next.
+    A batch's work is the call into the Rust tokenizer, which releases the GIL, and the Python
+    on either side of it (rendering conversations before; reading ids and offsets into arrays
+    after). `pipelined` runs a batch's tokenizer call on a thread while the caller's thread
+    builds the arrays of the batch before it and reads and renders the next.
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, shape: str) -> None:
