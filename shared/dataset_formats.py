@@ -253,9 +253,10 @@ class LineSplitter:
         text, error = self._decode(block)
         if len(text) == len(block):  # all ASCII (no bad byte, no BOM, nothing cut off)
             count, may_have_blanks = _ascii_lines(block)
-            self.lines_done += count
-            return Lines(first, text, self._tail_error(), count, may_have_blanks)
-        return Lines(first, text, error or self._tail_error(), self._count(text))
+        else:
+            count, may_have_blanks = text.count("\n"), True
+        self.lines_done += count
+        return Lines(first, text, error or self._tail_error(), count, may_have_blanks)
 
     def finish(self) -> Lines:
         """The last line, when the input does not end with a newline."""

@@ -311,10 +311,13 @@ class BatchTokenizer:
         self.tokenizer = tokenizer
         self.shape = shape
         self.eos = eos_id(tokenizer)
-        # Both are set up here, once: setting up touches the tokenizer's state, which must not
-        # happen while a thread is inside it.
-        self.encode_ids = batch_encoder(tokenizer)
-        self.backend = _backend(tokenizer)
+        # Set up here, once: setting up touches the tokenizer's state, which must not happen
+        # while a thread is inside it. Conversations need the offsets; the other shapes ids.
+        self.encode: Callable[[list[str]], Any] = (
+            partial(_backend(tokenizer).encode_batch, add_special_tokens=False)
+            if shape == "messages"
+            else batch_encoder(tokenizer)
+        )
 
     def __call__(self, records: Sequence[Any]) -> TokenizedBatch:
         encode, build = self._steps(records)
@@ -338,21 +341,20 @@ class BatchTokenizer:
         self, records: Sequence[Any]
     ) -> tuple[Callable[[], Any], Callable[[Any], TokenizedBatch]]:
         """The tokenizer call for these records, and what builds the batch from its result."""
+        build: Callable[[Any], TokenizedBatch]
         if self.shape == "messages":
             rendered = render_conversations(self.tokenizer, [r["messages"] for r in records])
             texts = [text for text, _ in rendered]
-            encode = partial(self.backend.encode_batch, texts, add_special_tokens=False)
-            return encode, partial(_masked_by_spans, rendered=rendered)
-        if self.shape == "text":
+            build = partial(_masked_by_spans, rendered=rendered)
+        elif self.shape == "text":
             texts = [record if isinstance(record, str) else record["text"] for record in records]
-            trained_parts: tuple[bool, ...] = (True,)
+            build = partial(_joined, trained_parts=(True,), eos=self.eos)
         else:
             # Side by side in one call, yet each text is tokenized on its own: the boundary stays
             # exact.
             texts = [text for r in records for text in (r["prompt"], r["completion"])]
-            trained_parts = (False, True)
-        build = partial(_joined, trained_parts=trained_parts, eos=self.eos)
-        return partial(self.encode_ids, texts), build
+            build = partial(_joined, trained_parts=(False, True), eos=self.eos)
+        return partial(self.encode, texts), build
 
 
 def _built(
