@@ -30,6 +30,7 @@ from transformers import (
     TrainingArguments,
     default_data_collator,
 )
+from transformers.loss.loss_utils import LOSS_MAPPING
 
 from shared.models import JobMetric
 from shared.schemas import Hyperparameters
@@ -151,6 +152,11 @@ def load_base_model(name: str, settings: Settings, *, block_size: int) -> BaseMo
     if tokenizer.pad_token is None:
         # Causal LMs often ship without a pad token; blocks are never padded, so EOS is safe.
         tokenizer.pad_token = tokenizer.eos_token
+    if model.loss_type not in LOSS_MAPPING:
+        # Classes not named `...ForCausalLM` (GPT2LMHeadModel) have no loss type, and
+        # transformers warns on every forward before falling back to the causal LM loss: a log
+        # line per job, and under torch.compile a graph break in every step.
+        model.loss_type = "ForCausalLM"
     model.config.pad_token_id = tokenizer.pad_token_id
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id

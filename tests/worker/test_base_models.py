@@ -8,7 +8,7 @@ import huggingface_hub.constants
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from shared.settings import Settings, get_settings
 from tests.conftest import TINY_MODEL
@@ -104,3 +104,23 @@ def test_a_missing_pad_token_is_taken_from_eos(settings: Settings) -> None:
     assert base.model.config.pad_token_id == base.tokenizer.eos_token_id
     assert base.model.config._attn_implementation == "sdpa"
     assert base.model.dtype == torch.float32
+
+
+def test_a_loaded_model_compiles_to_one_graph_with_the_causal_lm_loss(settings: Settings) -> None:
+    # The premise: GPT-2's class name gives transformers no loss type, and it then warns on
+    # every forward, which torch.compile cannot trace (a graph break in each training step).
+    assert GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=1)).loss_type is None
+    model = load_base_model(TINY_MODEL, get_settings(), block_size=32).model
+    ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.manual_seed(0))
+
+    torch._dynamo.reset()
+    try:
+        # fullgraph=True raises at the first graph break; the eager backend skips code generation.
+        compiled = torch.compile(model, fullgraph=True, backend="eager")
+        loss = compiled(input_ids=ids, labels=ids).loss
+    finally:
+        torch._dynamo.reset()
+
+    logits = model(input_ids=ids).logits
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    torch.testing.assert_close(loss, expected)
