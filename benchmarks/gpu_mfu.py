@@ -11,7 +11,11 @@ H heads, Q head size, T block size), as in PaLM appendix B and nanoGPT's `estima
 Timing starts after `--warmup` steps (compile and allocator warm-up) and ends at the last step,
 with one device synchronisation at each end and none in between.
 
-    python benchmarks/gpu_mfu.py [--steps 150] [--batch-size 32] [--compile]
+`--path` measures a reference on the same blocks and settings instead (`gpu_reference.py`):
+`bare`, the same Hugging Face model in a hand-written loop, tells what the service's loop costs;
+`minimal`, a nanoGPT-style GPT-2 in that loop, tells what the Hugging Face model code costs.
+
+    python benchmarks/gpu_mfu.py [--steps 150] [--batch-size 32] [--compile] [--path bare]
     python benchmarks/gpu_mfu.py --smoke      # a tiny config for a few steps, CPU is fine
 """
 
@@ -19,11 +23,16 @@ import argparse
 import json
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from _common import median, print_header, print_table
+from gpu_reference import MinimalGPT, bare_training
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.data import DataLoader
 from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback
 
 from shared.schemas import Hyperparameters
@@ -31,14 +40,22 @@ from shared.settings import Settings
 from tests.tiny_model import _train_tokenizer
 from worker.data import PackedBlocks
 from worker.trainer import (
+    BaseModel,
     JobCallback,
     build_trainer,
     describe_device,
     load_base_model,
+    logging_steps,
     training_arguments,
 )
 
 H200_BF16_DENSE_TFLOPS = 989.0
+LEARNING_RATE = 6e-4
+PATHS = {
+    "service": "through the service's trainer",
+    "bare": "the same model in a hand-written loop",
+    "minimal": "a minimal GPT in a hand-written loop",
+}
 
 
 class StandInLease:
@@ -136,28 +153,29 @@ def build_model(folder: Path, args: argparse.Namespace) -> GPT2Config:
     return config
 
 
-def run_once(
-    args: argparse.Namespace, models: Path, config: GPT2Config, profile: bool = False
-) -> dict[str, Any]:
+def random_blocks(args: argparse.Namespace, config: GPT2Config) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    shape = (args.steps * args.batch_size + args.batch_size, args.block_size)
+    return torch.randint(0, config.vocab_size, shape, dtype=torch.int32, generator=generator)
+
+
+def load_saved_model(models: Path, args: argparse.Namespace) -> BaseModel:
+    """The saved GPT-2 as a job loads its base model."""
     settings = Settings(models_dir=models, home=models.parent / "home")
-    base = load_base_model("gpt2-124m", settings, block_size=args.block_size)
-    extra = {"compile": True} if args.compile else {}
-    if extra and "compile" not in Hyperparameters.model_fields:
-        raise SystemExit("this trainer has no `compile` hyperparameter yet")
+    return load_base_model("gpt2-124m", settings, block_size=args.block_size)
+
+
+def service_training(
+    args: argparse.Namespace, models: Path, config: GPT2Config, profile: bool
+) -> tuple[float, torch.nn.Module, dict[str, Any]]:
+    """The job's path: seconds over the timed steps, the model, and the settings Trainer used."""
+    base = load_saved_model(models, args)
     hp = Hyperparameters(
         max_steps=args.steps,
         batch_size=args.batch_size,
         block_size=args.block_size,
-        learning_rate=6e-4,
-        **extra,
-    )
-    generator = torch.Generator().manual_seed(0)
-    blocks = torch.randint(
-        0,
-        config.vocab_size,
-        (args.steps * args.batch_size + args.batch_size, args.block_size),
-        dtype=torch.int32,
-        generator=generator,
+        learning_rate=LEARNING_RATE,
+        compile=args.compile,
     )
     tokens_per_step = args.batch_size * args.block_size
     callback = JobCallback(StandInLease(), tokens_per_step)  # type: ignore[arg-type]
@@ -165,35 +183,104 @@ def run_once(
     profiler = StepProfiler(args.warmup, 10) if profile else None
     with tempfile.TemporaryDirectory() as output:
         training_args = training_arguments(hp, Path(output), args.steps)
-        trainer = build_trainer(base.model, training_args, PackedBlocks(blocks), None, [callback])
+        blocks = PackedBlocks(random_blocks(args, config))
+        trainer = build_trainer(base.model, training_args, blocks, None, [callback])
         trainer.add_callback(watch)
         if profiler is not None:
             trainer.add_callback(profiler)
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
         trainer.train()
     if profiler is not None:
         Path(args.profile).write_text(profiler.report())
-    seconds = watch.marks[args.steps] - watch.marks[args.warmup]
-    tokens_per_second = tokens_per_step * (args.steps - args.warmup) / seconds
-    parameters = sum(p.numel() for p in base.model.parameters())
-    achieved = tokens_per_second * flops_per_token(config, args.block_size, parameters)
-    peak = args.peak_tflops * 1e12
-    return {
-        "tokens_per_second": tokens_per_second,
-        "tflops": achieved / 1e12,
-        "mfu": achieved / peak,
-        "parameters": parameters,
+    used = {
         "bf16": training_args.bf16,
         "optim": getattr(training_args.optim, "value", str(training_args.optim)),
         "tf32": bool(training_args.tf32),
         "torch_compile": bool(training_args.torch_compile),
         "dataloader_workers": training_args.dataloader_num_workers,
         "pin_memory": training_args.dataloader_pin_memory,
+    }
+    return watch.marks[args.steps] - watch.marks[args.warmup], base.model, used
+
+
+def reference_training(
+    args: argparse.Namespace, models: Path, config: GPT2Config
+) -> tuple[float, torch.nn.Module, dict[str, Any]]:
+    """A hand-written loop over the same blocks, with the loader settings the service uses.
+
+    `bare` loads the model as the service does, so that only the loop differs; `minimal` starts
+    from the same weights.
+    """
+    model: torch.nn.Module = load_saved_model(models, args).model
+    if args.path == "minimal":
+        minimal = MinimalGPT(config)
+        minimal.copy_gpt2_weights(model)
+        model = minimal
+    cuda = torch.cuda.is_available()
+    loader = DataLoader(
+        PackedBlocks(random_blocks(args, config)),
+        batch_size=args.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(0),
+        num_workers=2 if cuda else 0,
+        persistent_workers=cuda,
+        prefetch_factor=4 if cuda else None,
+        pin_memory=cuda,
+    )
+    seconds, used = bare_training(
+        model,
+        loader,
+        steps=args.steps,
+        warmup=args.warmup,
+        learning_rate=LEARNING_RATE,
+        compile_model=args.compile,
+        log_every=logging_steps(args.steps),
+    )
+    return seconds, model, used | {"dataloader_workers": loader.num_workers, "pin_memory": cuda}
+
+
+def run_once(
+    args: argparse.Namespace, models: Path, config: GPT2Config, profile: bool = False
+) -> dict[str, Any]:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    with sdpa_priority(args.sdpa):
+        if args.path == "service":
+            seconds, model, used = service_training(args, models, config, profile)
+        else:
+            seconds, model, used = reference_training(args, models, config)
+    tokens_per_second = args.batch_size * args.block_size * (args.steps - args.warmup) / seconds
+    parameters = sum(p.numel() for p in model.parameters())
+    achieved = tokens_per_second * flops_per_token(config, args.block_size, parameters)
+    return used | {
+        "tokens_per_second": tokens_per_second,
+        "tflops": achieved / 1e12,
+        "mfu": achieved / (args.peak_tflops * 1e12),
+        "parameters": parameters,
         "peak_memory_gib": (
             torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
         ),
     }
+
+
+@contextmanager
+def sdpa_priority(first: str | None) -> Iterator[None]:
+    """Try one SDPA backend first (e.g. cuDNN's on Hopper), the others after it as usual."""
+    if first is None:
+        yield
+        return
+    chosen = getattr(SDPBackend, first.upper() + "_ATTENTION")
+    order = [chosen] + [
+        backend
+        for backend in (
+            SDPBackend.FLASH_ATTENTION,
+            SDPBackend.CUDNN_ATTENTION,
+            SDPBackend.EFFICIENT_ATTENTION,
+            SDPBackend.MATH,
+        )
+        if backend != chosen
+    ]
+    with sdpa_kernel(order, set_priority=True):
+        yield
 
 
 def main() -> None:
@@ -206,8 +293,17 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=None, help="e.g. 50304 (padded)")
     parser.add_argument("--compile", action="store_true", help="the `compile` hyperparameter")
     parser.add_argument("--dropout", type=float, default=None, help="all three GPT-2 dropouts")
+    parser.add_argument(
+        "--path",
+        choices=list(PATHS),
+        default="service",
+        help="; ".join(f"{path}: {meaning}" for path, meaning in PATHS.items()),
+    )
+    parser.add_argument(
+        "--sdpa", choices=["flash", "cudnn", "efficient"], help="the SDPA backend to try first"
+    )
     parser.add_argument("--profile", help="profile 10 steps of the last run, write the table here")
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=None, help="3, or 1 with --smoke")
     parser.add_argument("--peak-tflops", type=float, default=H200_BF16_DENSE_TFLOPS)
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
@@ -216,12 +312,10 @@ def main() -> None:
     args.warmup = args.warmup or (2 if smoke else 20)
     args.batch_size = args.batch_size or (2 if smoke else 32)
     args.block_size = args.block_size or (64 if smoke else 1024)
-    args.runs = 1 if smoke else args.runs
+    args.runs = args.runs or (1 if smoke else 3)
     if not smoke and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --smoke, or on the GPU machine")
-    print_header(
-        "GPU hot path: GPT-2 124M through the service's trainer" + (" (smoke)" if smoke else "")
-    )
+    print_header(f"GPU hot path: GPT-2 124M, {PATHS[args.path]}" + (" (smoke)" if smoke else ""))
     print("   device: " + json.dumps(describe_device()))
 
     runs = []
@@ -270,7 +364,7 @@ def main() -> None:
     )
     print("\ngoal: MFU >= 45% on the H200" + (" (not meaningful in --smoke)" if smoke else ""))
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "runs": runs}, indent=2))
+        Path(args.json).write_text(json.dumps({"args": vars(args), "runs": runs}) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,87 @@
+"""The GPU benchmark runs where device time is scarce: its smoke config must keep working here.
+
+Not a measurement (figures come from running the script on the GPU machine): the references
+compute what the service trains, and every path runs.
+"""
+
+import argparse
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def benchmarks() -> Iterator[tuple[ModuleType, ModuleType]]:
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import gpu_mfu
+        import gpu_reference
+
+        yield gpu_mfu, gpu_reference
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_the_minimal_gpt_computes_hugging_face_gpt2_from_its_weights(
+    benchmarks: tuple[ModuleType, ModuleType],
+) -> None:
+    _, gpu_reference = benchmarks
+    # Large weights, so that every difference in the function shows in the loss.
+    config = GPT2Config(
+        n_layer=2, n_head=4, n_embd=64, n_positions=32, vocab_size=97, initializer_range=0.3
+    )
+    gpt2 = GPT2LMHeadModel(config).eval()
+    minimal = gpu_reference.MinimalGPT(config).eval()
+    ids = torch.randint(0, 97, (3, 32), generator=torch.manual_seed(0))
+
+    minimal.copy_gpt2_weights(gpt2)
+
+    assert sum(p.numel() for p in minimal.parameters()) == gpt2.num_parameters()
+    with torch.no_grad():
+        torch.testing.assert_close(minimal(ids, ids), gpt2(input_ids=ids, labels=ids).loss)
+
+
+def smoke_args(path: str) -> argparse.Namespace:
+    return argparse.Namespace(
+        smoke=True,
+        steps=6,
+        warmup=2,
+        batch_size=2,
+        block_size=64,
+        vocab_size=None,
+        compile=False,
+        dropout=0.0,
+        path=path,
+        sdpa=None,
+        profile=None,
+        peak_tflops=989.0,
+    )
+
+
+def test_the_service_and_both_references_train_the_same_model(
+    benchmarks: tuple[ModuleType, ModuleType],
+) -> None:
+    gpu_mfu, _ = benchmarks
+    results = {}
+    with tempfile.TemporaryDirectory() as folder:
+        models = Path(folder) / "models"
+        config = gpu_mfu.build_model(models / "gpt2-124m", smoke_args("service"))
+        for path in ("service", "bare", "minimal"):
+            results[path] = gpu_mfu.run_once(smoke_args(path), models, config)
+
+    assert {result["parameters"] for result in results.values()} == {
+        GPT2LMHeadModel(config).num_parameters()
+    }
+    assert all(result["tokens_per_second"] > 0 for result in results.values())
+    # Same weights, blocks, order and learning rate, no dropout: the two loops stay together.
+    bare, minimal = results["bare"]["last_logged"], results["minimal"]["last_logged"]
+    assert bare["loss"] == pytest.approx(minimal["loss"], rel=1e-4)
+    assert bare["grad_norm"] == pytest.approx(minimal["grad_norm"], rel=1e-3)
