@@ -170,6 +170,8 @@ def service_training(
 ) -> tuple[float, torch.nn.Module, dict[str, Any]]:
     """The job's path: seconds over the timed steps, the model, and the settings Trainer used."""
     base = load_saved_model(models, args)
+    if args.without_loss_type:  # as before 2026-11-30: a graph break in every compiled step
+        base.model.loss_type = None
     hp = Hyperparameters(
         max_steps=args.steps,
         batch_size=args.batch_size,
@@ -301,6 +303,11 @@ def main() -> None:
     )
     parser.add_argument(
         "--sdpa", choices=["flash", "cudnn", "efficient"], help="the SDPA backend to try first"
+    )
+    parser.add_argument(
+        "--without-loss-type",
+        action="store_true",
+        help="the service's model without the loss type the loader now sets (the old graph break)",
     )
     parser.add_argument("--profile", help="profile 10 steps of the last run, write the table here")
     parser.add_argument("--runs", type=int, default=None, help="3, or 1 with --smoke")

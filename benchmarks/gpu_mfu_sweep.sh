@@ -14,19 +14,23 @@ extra=${GPU_MFU_EXTRA:-}
 out=${OUT:-gpu-mfu-results}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+# Graph breaks and recompilations cost every step; sweep.log says where, if there are any.
+export TORCH_LOGS=${TORCH_LOGS:-graph_breaks,recompiles}
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$out/gpu.txt"
 
-# Most telling first, as the deadline may cut the tail. The service against the same model in a
-# hand-written loop (`bare`: what the service's loop costs) and a profile of the service's steps;
-# then what each candidate fix is worth: cuDNN's attention, no dropout (llm.c has none), a
-# nanoGPT-style model (`minimal`: what the Hugging Face model code costs), batch 64.
+# Most telling first, as the deadline may cut the tail: the service; the same model in a
+# hand-written loop (`bare`: what the service's loop costs); a profile of the service's steps;
+# the service as it was before its graph break was fixed. Then what each candidate fix is worth:
+# cuDNN's attention, no dropout (llm.c has none), a nanoGPT-style model (`minimal`: what the
+# Hugging Face model code costs), batch 64.
 # Fields: name | runs | gpu_mfu.py arguments.
 reference="--batch-size 32 --compile --vocab-size 50304"
 configs=(
   "service|3|$reference"
   "bare|3|$reference --path bare"
   "profile|1|$reference --profile $out/profile.txt"
+  "service-graph-break|2|$reference --without-loss-type"
   "service-cudnn|2|$reference --sdpa cudnn"
   "service-nodropout|2|$reference --dropout 0"
   "minimal|2|$reference --path minimal"

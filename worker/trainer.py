@@ -153,9 +153,9 @@ def load_base_model(name: str, settings: Settings, *, block_size: int) -> BaseMo
         # Causal LMs often ship without a pad token; blocks are never padded, so EOS is safe.
         tokenizer.pad_token = tokenizer.eos_token
     if model.loss_type not in LOSS_MAPPING:
-        # Classes not named `...ForCausalLM` (GPT2LMHeadModel) have no loss type, and
-        # transformers warns on every forward before falling back to the causal LM loss: a log
-        # line per job, and under torch.compile a graph break in every step.
+        # Classes not named `...ForCausalLM` (GPT2LMHeadModel) have no loss type: transformers
+        # falls back to the causal LM loss after a warning on every forward, which writes a
+        # misleading line to the worker's log and, under torch.compile, breaks every step's graph.
         model.loss_type = "ForCausalLM"
     model.config.pad_token_id = tokenizer.pad_token_id
     if model.generation_config is not None and model.generation_config.pad_token_id is None:

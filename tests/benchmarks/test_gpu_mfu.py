@@ -61,6 +61,7 @@ def smoke_args(path: str) -> argparse.Namespace:
         dropout=0.0,
         path=path,
         sdpa=None,
+        without_loss_type=False,
         profile=None,
         peak_tflops=989.0,
     )
