@@ -6,7 +6,11 @@
 # near, so the ones that ran still come back.
 #
 #     bash benchmarks/gpu_mfu_sweep.sh [deadline_seconds]
-#     GPU_MFU_EXTRA=--smoke bash benchmarks/gpu_mfu_sweep.sh   # the whole sweep, tiny, on a CPU
+#
+# GPU_MFU_EXTRA is added to every config's arguments, and later arguments win. To check the
+# whole sweep on a CPU before spending device time, tiny and short:
+#
+#     GPU_MFU_EXTRA="--smoke --runs 1 --steps 8 --warmup 2" bash benchmarks/gpu_mfu_sweep.sh 900
 set -uo pipefail
 cd "$(dirname "$0")/.."
 deadline=${1:-480}
@@ -44,7 +48,7 @@ for config in "${configs[@]}"; do
     continue
   fi
   echo "== $name (${left}s left)" | tee -a "$out/summary.txt"
-  echo "== $name" >>"$out/sweep.log"
+  echo "#### config $name" >>"$out/sweep.log"
   # shellcheck disable=SC2086
   timeout "$left" python3 benchmarks/gpu_mfu.py --steps 100 --warmup 25 --runs "$runs" $arguments $extra \
     --json "$out/$name.json" >"$out/$name.log" 2>&1
