@@ -10,12 +10,14 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
+from shared.schemas import Hyperparameters
 from shared.settings import Settings, get_settings
 from tests.conftest import TINY_MODEL
 from tests.worker.conftest import MakeDataset, MakeJob
 from tests.worker.helpers import learnable_text, load_job
 from worker import pipeline
-from worker.trainer import load_base_model
+from worker.data import PackedBlocks
+from worker.trainer import build_trainer, load_base_model, training_arguments
 
 
 def use_models_dir(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
@@ -124,3 +126,14 @@ def test_a_loaded_model_compiles_to_one_graph_with_the_causal_lm_loss(settings: 
     logits = model(input_ids=ids).logits
     expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
     torch.testing.assert_close(loss, expected)
+
+
+def test_training_uses_fused_adamw_on_any_device(settings: Settings, tmp_path: Path) -> None:
+    model = load_base_model(TINY_MODEL, get_settings(), block_size=32).model
+    blocks = PackedBlocks(torch.zeros((4, 32), dtype=torch.int32))
+    arguments = training_arguments(Hyperparameters(max_steps=1), tmp_path, total_steps=1)
+
+    optimizer = build_trainer(model, arguments, blocks, None, []).create_optimizer()
+
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert optimizer.defaults["fused"] is True
