@@ -271,21 +271,19 @@ def sdpa_priority(first: str | None) -> Iterator[None]:
         yield
         return
     chosen = getattr(SDPBackend, first.upper() + "_ATTENTION")
-    order = [chosen] + [
-        backend
-        for backend in (
-            SDPBackend.FLASH_ATTENTION,
-            SDPBackend.CUDNN_ATTENTION,
-            SDPBackend.EFFICIENT_ATTENTION,
-            SDPBackend.MATH,
-        )
-        if backend != chosen
+    usual = [
+        SDPBackend.FLASH_ATTENTION,
+        SDPBackend.CUDNN_ATTENTION,
+        SDPBackend.EFFICIENT_ATTENTION,
+        SDPBackend.MATH,
     ]
+    order = [chosen, *(backend for backend in usual if backend != chosen)]
     with sdpa_kernel(order, set_priority=True):
         yield
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with the defaults of a full run or of `--smoke` filled in."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--smoke", action="store_true", help="tiny config, few steps, any device")
     parser.add_argument("--steps", type=int, default=None)
@@ -313,13 +311,19 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=None, help="3, or 1 with --smoke")
     parser.add_argument("--peak-tflops", type=float, default=H200_BF16_DENSE_TFLOPS)
     parser.add_argument("--json", help="also write the results here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     smoke = args.smoke
     args.steps = args.steps or (6 if smoke else 150)
     args.warmup = args.warmup or (2 if smoke else 20)
     args.batch_size = args.batch_size or (2 if smoke else 32)
     args.block_size = args.block_size or (64 if smoke else 1024)
     args.runs = args.runs or (1 if smoke else 3)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    smoke = args.smoke
     if not smoke and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --smoke, or on the GPU machine")
     print_header(f"GPU hot path: GPT-2 124M, {PATHS[args.path]}" + (" (smoke)" if smoke else ""))

@@ -23,6 +23,7 @@ POSTGRES_ADMIN_URL = os.environ.get(
 )
 REDIS_URL = os.environ.get("TUNERY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 TINY_MODEL = "tiny-gpt2"
+REPOSITORY = Path(__file__).resolve().parents[1]
 
 
 def _fresh_postgres_database() -> tuple[str, str]:

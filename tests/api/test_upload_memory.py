@@ -28,10 +28,10 @@ from shared.keys import create_key
 from shared.migrate import upgrade
 from shared.models import Dataset
 from shared.settings import get_settings
+from tests.conftest import REPOSITORY
 from tests.processes import free_port, stop, tunery_environment
 
 MIB = 1024 * 1024
-REPOSITORY = Path(__file__).resolve().parents[2]
 BOUNDARY = b"tunery-memory-test-3bY8fQ"
 CONTENT_TYPE = f"multipart/form-data; boundary={BOUNDARY.decode()}"
 HEAD = (

@@ -4,7 +4,6 @@ Not a measurement (figures come from running the script on the GPU machine): the
 compute what the service trains, and every path runs.
 """
 
-import argparse
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +13,9 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+from tests.conftest import REPOSITORY
+
+BENCHMARKS = REPOSITORY / "benchmarks"
 
 
 @pytest.fixture(scope="module")
@@ -48,31 +49,18 @@ def test_the_minimal_gpt_computes_hugging_face_gpt2_from_its_weights(
         torch.testing.assert_close(minimal(ids, ids), gpt2(input_ids=ids, labels=ids).loss)
 
 
-def smoke_args(path: str) -> argparse.Namespace:
-    return argparse.Namespace(
-        smoke=True,
-        steps=6,
-        warmup=2,
-        batch_size=2,
-        block_size=64,
-        vocab_size=None,
-        compile=False,
-        dropout=0.0,
-        path=path,
-        sdpa=None,
-        without_loss_type=False,
-        profile=None,
-        peak_tflops=989.0,
-    )
-
-
 def test_the_service_and_both_references_train_the_same_model(
     benchmarks: tuple[ModuleType, ModuleType], tmp_path: Path
 ) -> None:
     gpu_mfu, _ = benchmarks
     models = tmp_path / "models"
-    config = gpu_mfu.build_model(models / "gpt2-124m", smoke_args("service"))
-    results = {path: gpu_mfu.run_once(smoke_args(path), models, config) for path in gpu_mfu.PATHS}
+    # No dropout, so that the two hand-written loops can be compared step for step.
+    smoke = ["--smoke", "--dropout", "0"]
+    config = gpu_mfu.build_model(models / "gpt2-124m", gpu_mfu.parse_args(smoke))
+    results = {
+        path: gpu_mfu.run_once(gpu_mfu.parse_args([*smoke, "--path", path]), models, config)
+        for path in gpu_mfu.PATHS
+    }
 
     assert {result["parameters"] for result in results.values()} == {
         GPT2LMHeadModel(config).num_parameters()

@@ -3,9 +3,8 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import REPOSITORY
 
 
 def test_a_pool_process_freezes_what_it_inherited_out_of_the_collectors_reach() -> None:
@@ -16,7 +15,7 @@ def test_a_pool_process_freezes_what_it_inherited_out_of_the_collectors_reach() 
         "print(json.dumps([inherited, gc.get_freeze_count(), len(gc.get_objects())]))"
     )
     result = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+        [sys.executable, "-c", code], cwd=REPOSITORY, capture_output=True, text=True, check=True
     )
     inherited, frozen, still_tracked = json.loads(result.stdout.strip().splitlines()[-1])
 
