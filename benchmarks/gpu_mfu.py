@@ -23,6 +23,8 @@ import argparse
 import json
 import tempfile
 import time
+import warnings
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -131,6 +133,69 @@ class StepProfiler(TrainerCallback):
         return f"device time per step: {busy_us / self.active / 1e3:.2f} ms\n{table}"
 
 
+class HostSyncs(TrainerCallback):
+    """The device synchronisations the host waits for in each step after step `skip`, and where.
+
+    CUDA's sync debug mode warns at every synchronising operation (`.item()`, a device-to-host
+    copy, ...); each warning names the Python line that caused it. A step's syncs are the ones
+    between its start and the next step's start, so they include its logging.
+    """
+
+    WARNING = "called a synchronizing CUDA operation"
+
+    def __init__(self, skip: int, *, debug_mode: bool) -> None:
+        self.skip = skip
+        self.debug_mode = debug_mode  # False: warnings emitted by hand (the test)
+        self.by_step: dict[int, list[str]] = {}
+        self._recorder: warnings.catch_warnings | None = None
+        self._caught: list[warnings.WarningMessage] = []
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+        if self._recorder is not None:
+            self._close_step(state.global_step)
+        elif state.global_step == self.skip:
+            self._recorder = warnings.catch_warnings(record=True)
+            self._caught = self._recorder.__enter__()
+            warnings.simplefilter("always")
+            if self.debug_mode:
+                torch.cuda.set_sync_debug_mode("warn")
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+        if self._recorder is None:
+            return
+        self._close_step(state.global_step)
+        if self.debug_mode:
+            torch.cuda.set_sync_debug_mode("default")
+        self._recorder.__exit__(None, None, None)
+        self._recorder = None
+
+    def _close_step(self, step: int) -> None:
+        self.by_step[step] = [
+            f"{Path(caught.filename).name}:{caught.lineno}"
+            for caught in self._caught
+            if self.WARNING in str(caught.message)
+        ]
+        self._caught.clear()
+
+    def report(self, logging_every: int) -> str:
+        """Syncs per step, logging steps apart from the others (the callback's promise: none
+        but the logged loss's), and where they came from."""
+        lines = []
+        for logs, name in ((True, "logging steps"), (False, "other steps")):
+            steps = {
+                step: found
+                for step, found in self.by_step.items()
+                if (step % logging_every == 0) == logs
+            }
+            where = Counter(place for found in steps.values() for place in found)
+            total = sum(where.values())
+            lines.append(
+                f"host syncs, {name}: {total} in {len(steps)} steps"
+                + "".join(f"\n  {count:5d}  {place}" for place, count in where.most_common(8))
+            )
+        return "\n".join(lines)
+
+
 def flops_per_token(config: GPT2Config, block_size: int, parameters: int) -> float:
     head = config.n_embd // config.n_head
     non_position = parameters - config.n_positions * config.n_embd
@@ -183,16 +248,20 @@ def service_training(
     callback = JobCallback(StandInLease(), tokens_per_step)  # type: ignore[arg-type]
     watch = Stopwatch(args.warmup, args.steps)
     profiler = StepProfiler(args.warmup, 10) if profile else None
+    # The profiled run also counts host syncs, where CUDA can tell: its timing is not reported.
+    cuda = torch.cuda.is_available()
+    syncs = HostSyncs(args.warmup, debug_mode=True) if profile and cuda else None
     with tempfile.TemporaryDirectory() as output:
         training_args = training_arguments(hp, Path(output), args.steps)
         blocks = PackedBlocks(random_blocks(args, config))
         trainer = build_trainer(base.model, training_args, blocks, None, [callback])
-        trainer.add_callback(watch)
-        if profiler is not None:
-            trainer.add_callback(profiler)
+        for extra in (syncs, watch, profiler):
+            if extra is not None:
+                trainer.add_callback(extra)
         trainer.train()
     if profiler is not None:
-        Path(args.profile).write_text(profiler.report())
+        counted = syncs.report(training_args.logging_steps) if syncs else "host syncs: no CUDA"
+        Path(args.profile).write_text(f"{counted}\n\n{profiler.report()}")
     used = {
         "bf16": training_args.bf16,
         "optim": getattr(training_args.optim, "value", str(training_args.optim)),

@@ -24,7 +24,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$out/gpu.txt"
 
 # Most telling first, as the deadline may cut the tail: the service; the same model in a
-# hand-written loop (`bare`: what the service's loop costs); a profile of the service's steps;
+# hand-written loop (`bare`: what the service's loop costs); a profile of the service's steps
+# with the host syncs each step forces (CUDA's sync debug mode);
 # the service as it was before its graph break was fixed. Then what each candidate fix is worth:
 # cuDNN's attention, no dropout (llm.c has none), a nanoGPT-style model (`minimal`: what the
 # Hugging Face model code costs), batch 64.

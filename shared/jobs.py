@@ -211,16 +211,17 @@ def still_owned(session: Session, job_id: str, attempt: int) -> bool:
 
 def heartbeat(
     session: Session, job_id: str, attempt: int, values: dict[str, Any] | None = None
-) -> bool:
-    """Refresh the lease (and progress); False if this attempt no longer owns the job."""
+) -> bool | None:
+    """Refresh the lease (and progress). Returns the job's cancel flag, read by the same
+    statement, or None if this attempt no longer owns the job."""
     now: datetime = utcnow()
-    result = session.execute(
+    return session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == RUNNING, Job.attempt == attempt)
         .values(heartbeat_at=now, **(values or {}))
+        .returning(Job.cancel_requested)
         .execution_options(synchronize_session=False)
-    )
-    return result.rowcount == 1
+    ).scalar_one_or_none()
 
 
 def add_queued(session: Session, job: Job) -> None:

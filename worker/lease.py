@@ -17,7 +17,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from shared import jobs
-from shared.db import session_scope
+from shared.db import read_session, session_scope
 from shared.models import Job
 from shared.settings import get_settings
 from worker.errors import JobCancelled, LeaseLost
@@ -74,6 +74,7 @@ class Lease:
         values: dict[str, Any] | None = None,
         *,
         skip_on_outage: bool = False,
+        poll: bool = False,
     ) -> bool:
         """Refresh the heartbeat (setting `values` on the job) and run `fn` in the same
         transaction; nothing is written and False is returned once the lease is lost.
@@ -81,26 +82,29 @@ class Lease:
         With `skip_on_outage`, a database that cannot be reached skips this write instead of
         failing hours of training: if the outage lasts, the sweeper re-queues the job and the
         next write finds the lease lost. Without it, the write is retried through the outage.
+        With `poll`, the write is also a `poll`: the heartbeat's statement reads the cancel flag.
         """
         if self.lost:
             return False
 
-        def transaction() -> bool:
+        def transaction() -> bool | None:
             with session_scope() as session:
-                if not jobs.heartbeat(session, self.job_id, self.attempt, values=values):
-                    return False
-                if fn is not None:
+                cancel_requested = jobs.heartbeat(session, self.job_id, self.attempt, values)
+                if cancel_requested is not None and fn is not None:
                     fn(session)
-            return True
+            return cancel_requested
 
         try:
             if skip_on_outage:
-                owned = transaction()
+                cancel_requested = transaction()
             else:
-                owned = retry_on_outage(transaction, f"writing for job {self.job_id}")
-            if not owned:
+                cancel_requested = retry_on_outage(transaction, f"writing for job {self.job_id}")
+            if cancel_requested is None:
                 self.lost = True
                 return False
+            if poll:
+                self._last_poll = time.monotonic()
+                self.cancel_requested = self.cancel_requested or cancel_requested
         except OUTAGE_ERRORS:
             if not skip_on_outage:
                 raise
@@ -127,7 +131,7 @@ class Lease:
             return
         self._last_poll = now
         try:
-            with session_scope() as session:
+            with read_session() as session:  # one round trip: no BEGIN, no COMMIT
                 row = session.execute(
                     select(Job.status, Job.attempt, Job.cancel_requested).where(
                         Job.id == self.job_id

@@ -315,6 +315,10 @@ class JobCallback(TrainerCallback):
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
     ) -> TrainerControl:
+        if control.should_log:
+            # `on_log` writes this step's metric row, and that write's heartbeat reads the
+            # cancel flag: one visit to the database in this step, not a read and a write.
+            return control
         self.lease.poll()
         if not self.lease.should_stop:
             self.lease.beat(self.progress(state))
@@ -363,7 +367,8 @@ class JobCallback(TrainerCallback):
         def add(session: Session) -> None:
             session.add(row)
 
-        if not self.lease.write(add, values={"progress": progress}, skip_on_outage=True):
+        self.lease.write(add, values={"progress": progress}, skip_on_outage=True, poll=True)
+        if self.lease.should_stop:
             return self._stop(control)
         return control
 

@@ -273,7 +273,8 @@ class TestGetJob:
             "eta_seconds": 3.0,
         }
         with session_scope() as session:
-            assert job_states.heartbeat(session, job_id, attempt, {"progress": progress})
+            # Still this attempt's job (not None), and no cancel requested (False).
+            assert job_states.heartbeat(session, job_id, attempt, {"progress": progress}) is False
         job = client.get(f"/jobs/{job_id}", headers=auth_headers).json()
         assert job["status"] == "running" and job["attempt"] == 1
         assert job["progress"] == progress and job["started_at"].endswith("Z")

@@ -5,13 +5,14 @@ compute what the service trains, and every path runs.
 """
 
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel, TrainerState
 
 from tests.conftest import REPOSITORY
 
@@ -70,3 +71,34 @@ def test_the_service_and_both_references_train_the_same_model(
     bare, minimal = results["bare"]["last_logged"], results["minimal"]["last_logged"]
     assert bare["loss"] == pytest.approx(minimal["loss"], rel=1e-4)
     assert bare["grad_norm"] == pytest.approx(minimal["grad_norm"], rel=1e-3)
+
+
+def test_host_syncs_are_counted_per_step_with_the_logging_that_follows_it(
+    benchmarks: tuple[ModuleType, ModuleType],
+) -> None:
+    gpu_mfu, _ = benchmarks
+    # On the GPU, CUDA's sync debug mode warns at each sync; here the test warns by hand.
+    syncs = gpu_mfu.HostSyncs(2, debug_mode=False)
+    state = TrainerState(global_step=0)
+
+    def sync() -> None:
+        warnings.warn(gpu_mfu.HostSyncs.WARNING, stacklevel=1)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the warm-up steps' warnings, which nobody records
+        for _ in range(6):
+            syncs.on_step_begin(None, state, None)
+            state.global_step += 1
+            warnings.warn("an unrelated warning", stacklevel=1)
+            if state.global_step % 2 == 0:  # Trainer logs after the step's end: a loss is read
+                sync()
+        syncs.on_train_end(None, state, None)
+
+    # Steps 1 and 2 are warm-up; each logging step (4, 6) had its one sync.
+    assert sorted(syncs.by_step) == [3, 4, 5, 6]
+    assert syncs.by_step[3] == syncs.by_step[5] == []
+    assert len(syncs.by_step[4]) == len(syncs.by_step[6]) == 1
+    assert syncs.by_step[4][0].startswith("test_gpu_mfu.py:")
+    report = syncs.report(2)
+    assert "host syncs, logging steps: 2 in 2 steps" in report
+    assert "host syncs, other steps: 0 in 2 steps" in report

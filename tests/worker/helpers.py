@@ -1,8 +1,12 @@
 """Reading back what a pipeline run wrote, and data that a tiny model can learn."""
 
-from sqlalchemy import select
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
-from shared.db import session_scope
+from sqlalchemy import event, select
+
+from shared.db import get_engine, session_scope
 from shared.models import Job, JobEvent, JobMetric
 
 COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white"]
@@ -41,3 +45,19 @@ def metrics_of(job_id: str) -> list[JobMetric]:
                 select(JobMetric).where(JobMetric.job_id == job_id).order_by(JobMetric.seq)
             )
         )
+
+
+@contextmanager
+def statements_sent() -> Iterator[list[str]]:
+    """The first word (SELECT, UPDATE, ...) of each statement sent to the database meanwhile."""
+    sent: list[str] = []
+
+    def record(_connection: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        sent.append(statement.split(None, 1)[0].upper())
+
+    engine = get_engine()
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield sent
+    finally:
+        event.remove(engine, "before_cursor_execute", record)

@@ -7,11 +7,12 @@ import pytest
 from sqlalchemy import update
 from sqlalchemy.exc import OperationalError
 
+from shared import jobs
 from shared.db import session_scope
 from shared.models import Job
 from shared.settings import Settings, get_settings
 from tests.worker.conftest import MakeDataset, MakeJob
-from tests.worker.helpers import events_of, learnable_text, load_job
+from tests.worker.helpers import events_of, learnable_text, load_job, statements_sent
 from worker import lease as lease_module
 from worker.errors import JobCancelled, LeaseLost
 from worker.lease import Lease
@@ -23,26 +24,42 @@ def claimed(settings: Settings, make_dataset: MakeDataset, make_job: MakeJob) ->
 
 
 def test_heartbeats_are_throttled_and_the_cancel_flag_is_read_every_step(
-    claimed: tuple[str, int], monkeypatch: pytest.MonkeyPatch
+    claimed: tuple[str, int],
 ) -> None:
     job_id, attempt = claimed
     lease = Lease(job_id, attempt)
-    opened = []
-    real = lease_module.session_scope
 
-    def counting() -> Any:
-        opened.append(1)
-        return real()
-
-    monkeypatch.setattr(lease_module, "session_scope", counting)
-
-    for step in range(200):  # a fast training loop
-        lease.poll()
-        lease.beat({"step": step})
+    with statements_sent() as sent:
+        for step in range(200):  # a fast training loop
+            lease.poll()
+            lease.beat({"step": step})
 
     # One heartbeat, not one per step; a poll per step, so a cancel stops within one step.
-    assert len(opened) == 200 + 1
+    assert sent.count("UPDATE") == 1
+    assert sent.count("SELECT") == 200
+    assert len(sent) == 201
     assert load_job(job_id).progress == {"step": 0}
+
+
+def test_a_polling_write_reads_the_cancel_flag_in_its_heartbeat(
+    claimed: tuple[str, int],
+) -> None:
+    job_id, attempt = claimed
+    lease = Lease(job_id, attempt)
+    assert lease.write(values={"progress": {"step": 1}}, poll=True)
+    assert not lease.should_stop
+    with session_scope() as session:
+        jobs.cancel(session, job_id)
+
+    # A plain write (the keep-alive of a save or an upload) leaves the flag to `check`.
+    assert lease.write(values={"progress": {"step": 2}})
+    assert not lease.cancel_requested
+
+    with statements_sent() as sent:
+        assert lease.write(values={"progress": {"step": 3}}, poll=True)
+    assert sent == ["UPDATE"]  # no SELECT: the heartbeat's own statement read the flag
+    assert lease.cancel_requested and not lease.lost
+    assert load_job(job_id).progress == {"step": 3}
 
 
 def test_a_cancel_request_is_seen_by_the_next_poll(claimed: tuple[str, int]) -> None:
@@ -80,6 +97,7 @@ def test_a_database_outage_skips_heartbeats_instead_of_failing_training(
         raise OperationalError("SELECT 1", {}, Exception("connection refused"))
 
     monkeypatch.setattr(lease_module, "session_scope", unreachable)
+    monkeypatch.setattr(lease_module, "read_session", unreachable)
     # Stage events are retried through an outage, for TUNERY_DATABASE_RETRY_S at most.
     monkeypatch.setenv("TUNERY_DATABASE_RETRY_S", "1")
     get_settings.cache_clear()

@@ -257,8 +257,12 @@ class TestFailures:
 
 @pytest.mark.usefixtures("fast_polls")
 class TestStopping:
+    # With 200 steps a metric row is written every 4 steps: the cancel of step 3 is read by the
+    # step's poll, the one of step 4 by its metric row's heartbeat.
+    @pytest.mark.parametrize("cancel_step", [3, 4])
     def test_cancel_stops_within_one_optimizer_step_and_keeps_no_artifact(
         self,
+        cancel_step: int,
         settings: Settings,
         make_dataset: MakeDataset,
         make_job: MakeJob,
@@ -276,18 +280,19 @@ class TestStopping:
             with session_scope() as session:
                 jobs.cancel(session, job_id)
 
-        hook = AtStep(3, request_cancel)
+        assert trainer.logging_steps(200) == 4
+        hook = AtStep(cancel_step, request_cancel)
         hook_trainer(monkeypatch, hook)
 
         pipeline.run(job_id, attempt)
 
         job = load_job(job_id)
         assert job.status == "cancelled"
-        assert hook.done and hook.trainer_state.global_step == 3  # step 3 was the last one
+        assert hook.done and hook.trainer_state.global_step == cancel_step  # the last step
         assert job.artifact_sha256 is None
         assert not storage.exists(storage.artifact_key(job_id))
         assert job.metrics["eval_loss"] is None  # no evaluation after the cancel
-        assert max(row.step for row in metrics_of(job_id)) <= 3
+        assert max(row.step for row in metrics_of(job_id)) <= cancel_step
         messages = [event.message for event in events_of(job_id)]
         assert "job cancelled while running" in messages
         assert not any("saving" in m or "packaging" in m or "final eval" in m for m in messages)
