@@ -18,53 +18,24 @@ from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from shared import jobs
 from shared.db import session_scope
-from shared.models import Dataset, Job, Project
-from shared.schemas import Hyperparameters
 from shared.settings import get_settings
+from tests.rows import queued_job
 
 
-def claimed_job(run: int) -> tuple[str, int]:
+def claimed_job() -> tuple[str, int]:
     """A running job, as a worker holds it once it has claimed it."""
-    with session_scope() as session:
-        project = Project(name=f"bench-{run}")
-        session.add(project)
-        session.flush()
-        dataset = Dataset(
-            project_id=project.id,
-            filename="train.txt",
-            format="text",
-            shape="text",
-            bytes=0,
-            sha256="0" * 64,
-            examples=0,
-        )
-        session.add(dataset)
-        session.flush()
-        job = Job(
-            project_id=project.id,
-            base_model="bench",
-            dataset_id=dataset.id,
-            validation_split=0.0,
-            method="full",
-            hyperparameters=Hyperparameters().model_dump(),
-            eval_prompts=[],
-            metadata_={},
-            progress={},
-            metrics={},
-        )
-        jobs.add_queued(session, job)
-        job_id = job.id
+    job_id = queued_job("bench")
     with session_scope() as session:
         attempt = jobs.claim(session, job_id)
     assert attempt is not None
     return job_id, attempt
 
 
-def step_seconds(run: int, steps: int, output_dir: str) -> dict[str, list[float]]:
+def step_seconds(steps: int, output_dir: str) -> dict[str, list[float]]:
     from worker.lease import Lease
     from worker.trainer import JobCallback
 
-    job_id, attempt = claimed_job(run)
+    job_id, attempt = claimed_job()
     callback = JobCallback(Lease(job_id, attempt), tokens_per_step=512)
     args = TrainingArguments(output_dir=output_dir, use_cpu=True, report_to="none")
     state = TrainerState(max_steps=steps, global_step=0)
@@ -95,7 +66,7 @@ def main() -> None:
         os.environ["TUNERY_HOME"] = home
         get_settings.cache_clear()
         for index in range(args.runs):
-            runs.append(step_seconds(index, args.steps, home))
+            runs.append(step_seconds(args.steps, home))
             print(
                 f"   run {index + 1}: logging step {median(runs[-1]['logging']) * 1e3:.2f} ms,"
                 f" other step {median(runs[-1]['other']) * 1e3:.2f} ms",
