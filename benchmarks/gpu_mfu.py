@@ -376,7 +376,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="the service's model without the loss type the loader now sets (the old graph break)",
     )
-    parser.add_argument("--profile", help="profile 10 steps of the last run, write the table here")
+    parser.add_argument(
+        "--profile",
+        help="profile 10 steps of the last run, count its host syncs per step, write both here",
+    )
     parser.add_argument("--runs", type=int, default=None, help="3, or 1 with --smoke")
     parser.add_argument("--peak-tflops", type=float, default=H200_BF16_DENSE_TFLOPS)
     parser.add_argument("--json", help="also write the results here")
