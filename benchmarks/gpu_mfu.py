@@ -276,7 +276,9 @@ def service_training(
 def reference_training(
     args: argparse.Namespace, models: Path, config: GPT2Config
 ) -> tuple[float, torch.nn.Module, dict[str, Any]]:
-    """A hand-written loop over the same blocks, with the loader settings the service uses.
+    """A hand-written loop over the same blocks, with the loader settings the service uses
+    (`worker.trainer.training_arguments`; built by hand, since building `TrainingArguments` here
+    would also set the process's TF32 mode and accelerate's state for this loop).
 
     `bare` loads the model as the service does, so that only the loop differs; `minimal` starts
     from the same weights.

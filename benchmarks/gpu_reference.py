@@ -1,10 +1,10 @@
 """The references `gpu_mfu.py` measures the service against, on the same data and settings.
 
 - `bare_training`: the training loop an engineer writes by hand, with no Trainer and no
-  callbacks: bf16 autocast, fused AdamW, gradient clipping at 1.0, the same linear schedule,
-  optionally `torch.compile`, and the loss and gradient norm read on the host as often as the
-  service logs them. Given the Hugging Face model, it tells what the service's loop costs;
-  given `MinimalGPT`, what the Hugging Face model code costs.
+  callbacks: bf16 autocast, fused AdamW (on either device, as the service), gradient clipping
+  at 1.0, the same linear schedule, optionally `torch.compile`, and the loss and gradient norm
+  read on the host as often as the service logs them. Given the Hugging Face model, it tells
+  what the service's loop costs; given `MinimalGPT`, what the Hugging Face model code costs.
 - `MinimalGPT`: GPT-2 written as nanoGPT writes it (one fused QKV projection, SDPA with
   `is_causal`, tanh GELU, tied embeddings) from a `GPT2Config`: the same function, parameters
   and dropouts as Hugging Face's GPT-2, so the same FLOPs per token, and it can start from the
@@ -115,7 +115,7 @@ def bare_training(
         torch.backends.cuda.matmul.fp32_precision = "tf32"
     model.to(device).train()
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=learning_rate, weight_decay=0.0, fused=cuda
+        model.parameters(), lr=learning_rate, weight_decay=0.0, fused=True
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
     forward = torch.compile(model) if compile_model else model
@@ -145,7 +145,7 @@ def bare_training(
                 break
     settings = {
         "bf16": bf16,
-        "optim": "adamw_torch_fused" if cuda else "adamw_torch",
+        "optim": "adamw_torch_fused",
         "tf32": cuda,
         "torch_compile": compile_model,
         "last_logged": logged,

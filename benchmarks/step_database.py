@@ -20,6 +20,8 @@ from shared import jobs
 from shared.db import session_scope
 from shared.settings import get_settings
 from tests.rows import queued_job
+from worker.lease import Lease
+from worker.trainer import JobCallback
 
 
 def claimed_job() -> tuple[str, int]:
@@ -32,9 +34,6 @@ def claimed_job() -> tuple[str, int]:
 
 
 def step_seconds(steps: int, output_dir: str) -> dict[str, list[float]]:
-    from worker.lease import Lease
-    from worker.trainer import JobCallback
-
     job_id, attempt = claimed_job()
     callback = JobCallback(Lease(job_id, attempt), tokens_per_step=512)
     args = TrainingArguments(output_dir=output_dir, use_cpu=True, report_to="none")
