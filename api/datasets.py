@@ -496,7 +496,8 @@ def dataset_content(dataset: DatasetDep) -> StreamingResponse:
 
 @router.delete("/{dataset_id}", status_code=204, responses={409: {"model": ErrorRead}})
 def delete_dataset(dataset: DatasetDep, session: SessionDep) -> Response:
-    """Delete a dataset and its file; 409 while a queued or running job uses it."""
+    """Delete a dataset and its file; 409 while a queued or running job uses it. Workers drop
+    their tokenized copies of it at their next sweep."""
     user = session.execute(
         select(Job.id, Job.status)
         .where(or_(Job.dataset_id == dataset.id, Job.validation_dataset_id == dataset.id))

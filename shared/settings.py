@@ -39,6 +39,12 @@ class Settings(BaseSettings):
         default=300, gt=0, description="Send the doorbell again for a job queued this long."
     )
     sweep_interval_s: float = Field(default=10, gt=0, description="How often the sweeper looks.")
+    token_cache_max_bytes: int = Field(
+        default=20 * GIB,
+        ge=0,
+        description="The sweeper trims each worker's token cache to this size, least recently "
+        "used entries first.",
+    )
     dry_run_wait_s: float = Field(
         default=30, ge=0, description="How long POST /jobs waits for a dry run's answer."
     )

@@ -55,8 +55,14 @@ class Lease:
     read per step (a fraction of a millisecond, against steps of tens of milliseconds on a GPU).
     """
 
-    heartbeat_interval_s: float = 2.0
     poll_interval_s: float = 0.0
+
+    @property
+    def heartbeat_interval_s(self) -> float:
+        # The training loop beats at the first step end after the interval, so the row ages by
+        # up to the interval plus one step: a fifth of the timeout leaves the step the rest,
+        # also when an operator (or a test) shortens the timeout.
+        return min(2.0, get_settings().heartbeat_timeout_s / 5)
 
     def __init__(self, job_id: str, attempt: int) -> None:
         self.job_id = job_id

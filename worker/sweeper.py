@@ -1,4 +1,5 @@
-"""The sweeper: the database is the truth, so it repairs what the queue and dead workers lose.
+"""The sweeper: the database is the truth, so it repairs what the queue and dead workers lose,
+and clears from this worker's token cache what deleted datasets left behind.
 
 It runs in every `tunery worker` (and so in `tunery up`). Several sweepers at once are fine:
 each action is a conditional update that only one of them wins.
@@ -12,10 +13,11 @@ from datetime import timedelta
 from sqlalchemy import func, select, update
 
 from shared import checkpoints, jobs
-from shared.db import session_scope
-from shared.models import Job, utcnow
+from shared.db import read_session, session_scope
+from shared.models import Dataset, Job, utcnow
 from shared.queue import send_train
 from shared.settings import get_settings
+from worker import token_cache
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +27,7 @@ class SweepReport:
     resent: list[str] = field(default_factory=list)
     requeued: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    uncached: list[str] = field(default_factory=list)  # token cache entries removed
 
 
 def _resend_unclaimed(report: SweepReport) -> None:
@@ -91,11 +94,28 @@ def _recover_stale(report: SweepReport) -> None:
         send_train(job_id)
 
 
+def _live_datasets(sha256s: set[str]) -> set[str]:
+    with read_session() as session:
+        return set(
+            session.scalars(
+                select(Dataset.sha256).where(
+                    Dataset.sha256.in_(sha256s), Dataset.deleted_at.is_(None)
+                )
+            )
+        )
+
+
+def _trim_token_cache(report: SweepReport) -> None:
+    """A deleted dataset's tokens decode back to its text: they go with it."""
+    report.uncached = token_cache.trim(_live_datasets, get_settings().token_cache_max_bytes)
+
+
 def sweep() -> SweepReport:
     report = SweepReport()
     _resend_unclaimed(report)
     _recover_stale(report)
-    if report.resent or report.requeued or report.failed:
+    _trim_token_cache(report)
+    if report.resent or report.requeued or report.failed or report.uncached:
         logger.info("sweep: %s", report)
     return report
 

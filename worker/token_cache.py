@@ -9,8 +9,13 @@ another tokenizer or other options is therefore never found, rather than trusted
 Entries are whole or absent: written into a temporary sibling folder, flushed, then renamed into
 place with `os.replace`; `load` only ever opens final names, and an entry it cannot read is moved
 away and reported as a miss. Arrays are stored as safetensors (no pickle).
+
+Token ids decode back to the text, so an entry is a copy of its datasets: each entry names the
+datasets it was built from, and `trim` (run by the sweeper) removes the entries of deleted
+datasets, then the least recently used ones beyond a size cap.
 """
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -19,7 +24,8 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +127,8 @@ def load(key: str) -> PackedData | None:
         logger.warning("token cache entry %s is unreadable (%s); rebuilding it", key, exc)
         _discard(folder)
         return None
+    with contextlib.suppress(OSError):  # the folder's mtime is its last use, for `trim`
+        os.utime(folder)
 
 
 def _discard(folder: Path) -> None:
@@ -142,8 +150,9 @@ def _sweep_stale_temps(root: Path) -> None:
             continue
 
 
-def store(key: str, data: PackedData) -> Path:
-    """Write `data` under `key`, whole or not at all; an existing entry is kept as it is."""
+def store(key: str, data: PackedData, datasets: Collection[str]) -> Path:
+    """Write `data`, built from the datasets with these sha256s, under `key`, whole or not at all;
+    an existing entry is kept as it is."""
     final = _entry(key)
     root = final.parent
     root.mkdir(parents=True, exist_ok=True)
@@ -157,7 +166,12 @@ def store(key: str, data: PackedData) -> Path:
             "segment_offsets": np.ascontiguousarray(data.segment_offsets, dtype=np.int64),
         }
         save_file(arrays, str(temp / "tokens.safetensors"))
-        meta = {"key": key, "version": CACHE_VERSION, "stats": data.stats.as_dict()}
+        meta = {
+            "key": key,
+            "version": CACHE_VERSION,
+            "datasets": sorted(set(datasets)),
+            "stats": data.stats.as_dict(),
+        }
         (temp / "meta.json").write_text(json.dumps(meta, sort_keys=True))
         for name in ("tokens.safetensors", "meta.json"):
             fsync_path(temp / name)
@@ -172,3 +186,57 @@ def store(key: str, data: PackedData) -> Path:
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     return final
+
+
+@dataclass(frozen=True)
+class Entry:
+    key: str
+    datasets: frozenset[str]  # sha256s; empty when meta.json does not say (or cannot be read)
+    bytes: int
+    last_used: float
+
+
+def entries() -> list[Entry]:
+    """The entries now in the cache, temporary folders aside."""
+    root = cache_root()
+    found = []
+    for folder in root.iterdir() if root.is_dir() else ():
+        if folder.name.startswith(_TEMP_PREFIX):
+            continue
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+            datasets = frozenset(meta["datasets"])
+        except (OSError, ValueError, KeyError, TypeError):
+            datasets = frozenset()
+        try:
+            size = sum(path.stat().st_size for path in folder.iterdir())
+            last_used = folder.stat().st_mtime
+        except OSError:
+            continue  # removed meanwhile
+        found.append(Entry(folder.name, datasets, size, last_used))
+    return found
+
+
+def trim(live: Callable[[set[str]], Collection[str]], max_bytes: int) -> list[str]:
+    """Remove the entries built from a dataset that is no longer live, or that do not say which
+    datasets they hold, then the least recently used ones until the rest fit in `max_bytes`.
+
+    `live` is given every sha256 the entries name and returns those of datasets still live.
+    Returns the keys removed. A job loading an entry while it goes either has read it whole or
+    finds it missing and tokenizes again.
+    """
+    cached = entries()
+    named = set().union(*(entry.datasets for entry in cached))
+    alive = set(live(named)) if named else set()
+    removed, kept = [], []
+    for entry in cached:
+        (kept if entry.datasets and entry.datasets <= alive else removed).append(entry)
+    over = sum(entry.bytes for entry in kept) - max_bytes
+    for entry in sorted(kept, key=lambda entry: entry.last_used):
+        if over <= 0:
+            break
+        removed.append(entry)
+        over -= entry.bytes
+    for entry in removed:
+        _discard(cache_root() / entry.key)
+    return [entry.key for entry in removed]

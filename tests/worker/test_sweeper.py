@@ -1,14 +1,23 @@
-"""The sweeper re-sends lost doorbells, re-queues jobs of dead workers, and caps attempts."""
+"""The sweeper re-sends lost doorbells, re-queues jobs of dead workers, caps attempts, and clears
+deleted datasets from the token cache."""
 
+from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 from sqlalchemy import select, update
+from transformers import AutoTokenizer
 
 from shared import jobs
 from shared.db import session_scope
-from shared.models import Job, JobEvent, utcnow
+from shared.models import Dataset, Job, JobEvent, utcnow
+from tests.conftest import TINY_MODEL
 from tests.rows import queued_job
+from tests.seed_data import TECH_NEWS
+from worker import token_cache
+from worker.data import prepare_data
 from worker.sweeper import sweep
 
 
@@ -105,3 +114,68 @@ class TestSweep:
             "message": "the worker stopped answering on attempt 2 of 2",
             "user_error": False,
         }
+
+
+def upload(client: TestClient, headers: dict[str, str], text: str) -> Dataset:
+    response = client.post("/datasets", headers=headers, files={"file": ("d.txt", text)})
+    assert response.status_code == 201, response.text
+    with session_scope() as session:
+        return session.get(Dataset, response.json()["id"])
+
+
+def delete(client: TestClient, headers: dict[str, str], dataset: Dataset) -> None:
+    assert client.delete(f"/datasets/{dataset.id}", headers=headers).status_code == 204
+
+
+class TestTokenCache:
+    """Token ids decode back to the text: a deleted dataset must not live on in a worker's cache."""
+
+    @pytest.fixture
+    def prepare(self, models_dir: Path) -> Callable[..., bool]:
+        tokenizer = AutoTokenizer.from_pretrained(models_dir / TINY_MODEL)
+
+        def cache_hit(train: Dataset, validation: Dataset | None = None) -> bool:
+            prepared = prepare_data(
+                tokenizer, train, validation, 0.1, block_size=16, seed=0, use_cache=True
+            )
+            return prepared.cache_hit
+
+        return cache_hit
+
+    def test_a_deleted_datasets_tokens_leave_with_the_next_sweep(
+        self, client: TestClient, auth_headers: dict[str, str], prepare: Callable[..., bool]
+    ) -> None:
+        train = upload(client, auth_headers, TECH_NEWS)
+        validation = upload(client, auth_headers, TECH_NEWS[: len(TECH_NEWS) // 4])
+        assert (prepare(train), prepare(train, validation)) == (False, False)
+        entries = {entry.key: entry.datasets for entry in token_cache.entries()}
+        assert len(entries) == 4  # the train and eval splits of both preparations
+        assert sweep().uncached == []
+        assert (prepare(train), prepare(train, validation)) == (True, True)
+
+        delete(client, auth_headers, validation)
+        naming_it = {key for key, datasets in entries.items() if validation.sha256 in datasets}
+        assert len(naming_it) == 2
+        assert sorted(sweep().uncached) == sorted(naming_it)
+        assert {entry.key for entry in token_cache.entries()} == entries.keys() - naming_it
+        assert prepare(train) is True
+
+        delete(client, auth_headers, train)
+        assert len(sweep().uncached) == 2
+        assert token_cache.entries() == []
+
+    def test_entries_stay_while_another_upload_of_the_same_bytes_lives(
+        self,
+        client: TestClient,
+        auth_headers: dict[str, str],
+        other_auth_headers: dict[str, str],
+        prepare: Callable[..., bool],
+    ) -> None:
+        mine = upload(client, auth_headers, TECH_NEWS)
+        theirs = upload(client, other_auth_headers, TECH_NEWS)
+        assert prepare(mine) is False
+        delete(client, auth_headers, mine)
+        assert sweep().uncached == []
+        assert prepare(theirs) is True
+        delete(client, other_auth_headers, theirs)
+        assert len(sweep().uncached) == 2

@@ -1,5 +1,9 @@
-"""The token cache: same inputs hit, any change misses, and a half-written entry is never read."""
+"""The token cache: same inputs hit, any change misses, a half-written entry is never read, and
+trimming removes deleted datasets' entries, then the least recently used."""
 
+import json
+import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -66,7 +70,7 @@ class TestHitsAndMisses:
     def test_same_inputs_hit(self, tokenizer: PreTrainedTokenizerBase, data: PackedData) -> None:
         key = key_for(tokenizer)
         assert load(key) is None
-        folder = store(key, data)
+        folder = store(key, data, [SHA])
         assert folder == get_settings().home.resolve() / "cache" / "tokens" / key
         assert_same(load(key), data)
         assert data.stats.truncated == 1  # the counts come back too
@@ -80,7 +84,7 @@ class TestHitsAndMisses:
     def test_a_changed_tokenizer_misses(
         self, tokenizer: PreTrainedTokenizerBase, data: PackedData, models_dir: Path
     ) -> None:
-        store(key_for(tokenizer), data)
+        store(key_for(tokenizer), data, [SHA])
         changed = [AutoTokenizer.from_pretrained(models_dir / TINY_MODEL) for _ in range(3)]
         changed[0].chat_template = "{{ messages[0]['content'] }}"
         changed[1].add_tokens(["<|new|>"])
@@ -105,7 +109,7 @@ class TestHitsAndMisses:
     def test_any_changed_option_misses(
         self, tokenizer: PreTrainedTokenizerBase, data: PackedData, change: dict[str, Any]
     ) -> None:
-        store(key_for(tokenizer), data)
+        store(key_for(tokenizer), data, [SHA])
         assert key_for(tokenizer, **change) != key_for(tokenizer)
         assert load(key_for(tokenizer, **change)) is None
 
@@ -120,8 +124,8 @@ class TestHitsAndMisses:
         self, tokenizer: PreTrainedTokenizerBase, data: PackedData
     ) -> None:
         key = key_for(tokenizer)
-        store(key, data)
-        store(key, data)
+        store(key, data, [SHA])
+        store(key, data, [SHA])
         assert [p.name for p in token_cache.cache_root().iterdir()] == [key]
         assert_same(load(key), data)
 
@@ -142,7 +146,7 @@ class TestWholeOrAbsent:
 
         monkeypatch.setattr(token_cache, "fsync_path", crash_after_tokens)  # after both files
         with pytest.raises(OSError):
-            store(key, data)
+            store(key, data, [SHA])
         assert load(key) is None
         assert not (token_cache.cache_root() / key).exists()
 
@@ -151,7 +155,7 @@ class TestWholeOrAbsent:
     ) -> None:
         # What a writer killed before its rename leaves behind.
         key = key_for(tokenizer)
-        store(key, data)
+        store(key, data, [SHA])
         root = token_cache.cache_root()
         (root / key).rename(root / f".tmp-{key}-dead")
         assert load(key) is None
@@ -161,7 +165,7 @@ class TestWholeOrAbsent:
         self, tokenizer: PreTrainedTokenizerBase, data: PackedData, damage: str
     ) -> None:
         key = key_for(tokenizer)
-        folder = store(key, data)
+        folder = store(key, data, [SHA])
         if damage == "no_meta":
             (folder / "meta.json").unlink()
         elif damage == "bad_tokens":
@@ -170,5 +174,74 @@ class TestWholeOrAbsent:
             (folder / "meta.json").write_text('{"key": "' + "0" * 64 + '", "version": 1}')
         assert load(key) is None
         assert not folder.exists()  # moved away, so the next store can write it again
-        store(key, data)
+        store(key, data, [SHA])
         assert_same(load(key), data)
+
+
+@pytest.mark.usefixtures("home")
+class TestTrim:
+    def test_entries_of_datasets_no_longer_live_are_removed(
+        self, tokenizer: PreTrainedTokenizerBase, data: PackedData
+    ) -> None:
+        live, gone, validation = "ab" * 32, "cd" * 32, "ef" * 32
+        kept = store(key_for(tokenizer), data, [live]).name
+        alone = store(key_for(tokenizer, dataset_sha256=gone), data, [gone]).name
+        # A job with a validation dataset: its entries hold both datasets' tokens.
+        both = store(key_for(tokenizer, block_size=32), data, [live, validation]).name
+        asked: list[set[str]] = []
+
+        def still_live(sha256s: set[str]) -> set[str]:
+            asked.append(sha256s)
+            return sha256s & {live}
+
+        assert sorted(token_cache.trim(still_live, max_bytes=10**9)) == sorted([alone, both])
+        assert asked == [{live, gone, validation}]  # one question for the whole cache
+        assert [entry.key for entry in token_cache.entries()] == [kept]
+        assert_same(load(kept), data)
+
+    def test_an_entry_that_does_not_name_its_datasets_is_removed(
+        self, tokenizer: PreTrainedTokenizerBase, data: PackedData
+    ) -> None:
+        folder = store(key_for(tokenizer), data, [SHA])
+        meta = json.loads((folder / "meta.json").read_text())
+        del meta["datasets"]  # as written before entries named them
+        (folder / "meta.json").write_text(json.dumps(meta))
+        assert token_cache.trim(lambda sha256s: sha256s, max_bytes=10**9) == [folder.name]
+        assert not folder.exists()
+
+    def test_beyond_the_cap_the_least_recently_used_go_first(
+        self, tokenizer: PreTrainedTokenizerBase, data: PackedData
+    ) -> None:
+        keys = [key_for(tokenizer, block_size=size) for size in (16, 32, 64)]
+        for age, key in zip((300, 200, 100), keys, strict=True):
+            folder = store(key, data, [SHA])
+            os.utime(folder, (time.time() - age, time.time() - age))
+        assert load(keys[0]) is not None  # the oldest, now used last
+        size = {entry.key: entry.bytes for entry in token_cache.entries()}
+        assert size[keys[0]] > 0
+
+        def everything_live(sha256s: set[str]) -> set[str]:
+            return sha256s
+
+        assert token_cache.trim(everything_live, max_bytes=sum(size.values())) == []
+        fits_two = size[keys[0]] + size[keys[2]]
+        assert token_cache.trim(everything_live, max_bytes=fits_two) == [keys[1]]
+        assert token_cache.trim(everything_live, max_bytes=0) == [keys[2], keys[0]]
+        assert token_cache.entries() == []
+
+    def test_an_empty_cache_asks_nothing(self) -> None:
+        def no_database(sha256s: set[str]) -> set[str]:
+            raise AssertionError("nothing to ask about")
+
+        assert token_cache.trim(no_database, max_bytes=0) == []
+
+    def test_a_writers_temporary_folder_is_not_an_entry(
+        self, tokenizer: PreTrainedTokenizerBase, data: PackedData
+    ) -> None:
+        key = key_for(tokenizer)
+        store(key, data, [SHA])
+        root = token_cache.cache_root()
+        (root / f".tmp-{key}-writing").mkdir()
+        assert [entry.key for entry in token_cache.entries()] == [key]
+        assert token_cache.trim(lambda sha256s: set(), max_bytes=0) == [key]
+        assert (root / f".tmp-{key}-writing").is_dir()  # its writer renames it; old ones age out
