@@ -116,7 +116,7 @@ def load(key: str) -> PackedData | None:
         if meta.get("key") != key or meta.get("version") != CACHE_VERSION:
             raise ValueError("meta.json does not match the key")
         arrays = load_file(str(folder / "tokens.safetensors"))
-        return PackedData(
+        data = PackedData(
             input_ids=arrays["input_ids"],
             trained=arrays["trained"].astype(bool),
             row_offsets=arrays["row_offsets"],
@@ -129,6 +129,7 @@ def load(key: str) -> PackedData | None:
         return None
     with contextlib.suppress(OSError):  # the folder's mtime is its last use, for `trim`
         os.utime(folder)
+    return data
 
 
 def _discard(folder: Path) -> None:

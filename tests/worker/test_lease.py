@@ -41,6 +41,23 @@ def test_heartbeats_are_throttled_and_the_cancel_flag_is_read_every_step(
     assert load_job(job_id).progress == {"step": 0}
 
 
+def test_the_heartbeat_interval_follows_a_shortened_timeout(
+    claimed: tuple[str, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lease = Lease(*claimed)
+    assert lease.heartbeat_interval_s == 2.0  # against the default 60 s
+    monkeypatch.setenv("TUNERY_HEARTBEAT_TIMEOUT_S", "3")
+    get_settings.cache_clear()
+    # A beat waits for the first step end after the interval: a 2 s interval and a 1.5 s step
+    # would let the row age past 3 s, and the sweeper would requeue a live attempt.
+    assert lease.heartbeat_interval_s == pytest.approx(0.6)
+    lease.beat({"step": 1})
+    time.sleep(0.7)
+    with statements_sent() as sent:
+        lease.beat({"step": 2})
+    assert sent.count("UPDATE") == 1
+
+
 def test_a_polling_write_reads_the_cancel_flag_in_its_heartbeat(
     claimed: tuple[str, int],
 ) -> None:
