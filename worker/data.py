@@ -247,7 +247,9 @@ def prepare_data(
             user_error=True,
         )
     if keys is not None and cached is None:
-        sources = [d.sha256 for d in (train_dataset, validation_dataset) if d is not None]
+        sources = [train_dataset.sha256]
+        if validation_dataset is not None:
+            sources.append(validation_dataset.sha256)
         token_cache.store(keys[0], train, sources)
         token_cache.store(keys[1], held_out, sources)
     return _prepared(tokenizer, train, held_out, shape, mode, block_size, cached is not None)

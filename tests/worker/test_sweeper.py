@@ -13,6 +13,7 @@ from transformers import AutoTokenizer
 from shared import jobs
 from shared.db import session_scope
 from shared.models import Dataset, Job, JobEvent, utcnow
+from tests.api.conftest import upload
 from tests.conftest import TINY_MODEL
 from tests.rows import queued_job
 from tests.seed_data import TECH_NEWS
@@ -116,11 +117,9 @@ class TestSweep:
         }
 
 
-def upload(client: TestClient, headers: dict[str, str], text: str) -> Dataset:
-    response = client.post("/datasets", headers=headers, files={"file": ("d.txt", text)})
-    assert response.status_code == 201, response.text
+def uploaded(client: TestClient, headers: dict[str, str], text: str) -> Dataset:
     with session_scope() as session:
-        return session.get(Dataset, response.json()["id"])
+        return session.get(Dataset, upload(client, headers, text))
 
 
 def delete(client: TestClient, headers: dict[str, str], dataset: Dataset) -> None:
@@ -145,8 +144,8 @@ class TestTokenCache:
     def test_a_deleted_datasets_tokens_leave_with_the_next_sweep(
         self, client: TestClient, auth_headers: dict[str, str], prepare: Callable[..., bool]
     ) -> None:
-        train = upload(client, auth_headers, TECH_NEWS)
-        validation = upload(client, auth_headers, TECH_NEWS[: len(TECH_NEWS) // 4])
+        train = uploaded(client, auth_headers, TECH_NEWS)
+        validation = uploaded(client, auth_headers, TECH_NEWS[: len(TECH_NEWS) // 4])
         assert (prepare(train), prepare(train, validation)) == (False, False)
         entries = {entry.key: entry.datasets for entry in token_cache.entries()}
         assert len(entries) == 4  # the train and eval splits of both preparations
@@ -171,8 +170,8 @@ class TestTokenCache:
         other_auth_headers: dict[str, str],
         prepare: Callable[..., bool],
     ) -> None:
-        mine = upload(client, auth_headers, TECH_NEWS)
-        theirs = upload(client, other_auth_headers, TECH_NEWS)
+        mine = uploaded(client, auth_headers, TECH_NEWS)
+        theirs = uploaded(client, other_auth_headers, TECH_NEWS)
         assert prepare(mine) is False
         delete(client, auth_headers, mine)
         assert sweep().uncached == []
