@@ -11,6 +11,10 @@ H heads, Q head size, T block size), as in PaLM appendix B and nanoGPT's `estima
 Timing starts after `--warmup` steps (compile and allocator warm-up) and ends at the last step,
 with one device synchronisation at each end and none in between.
 
+Like a job on text blocks, training runs with SDPA's causal flag and no mask
+(`worker.attention.causal_attention`); `--stock-attention` trains with the mask transformers
+builds, as the service did before 2026-11-30.
+
 `--path` measures a reference on the same blocks and settings instead (`gpu_reference.py`):
 `bare`, the same Hugging Face model in a hand-written loop, tells what the service's loop costs;
 `minimal`, a nanoGPT-style GPT-2 in that loop, tells what the Hugging Face model code costs.
@@ -26,7 +30,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +44,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback
 from shared.schemas import Hyperparameters
 from shared.settings import Settings
 from tests.tiny_model import _train_tokenizer
+from worker.attention import causal_attention
 from worker.data import PackedBlocks
 from worker.trainer import (
     BaseModel,
@@ -230,6 +235,13 @@ def load_saved_model(models: Path, args: argparse.Namespace) -> BaseModel:
     return load_base_model("gpt2-124m", settings, block_size=args.block_size)
 
 
+def attention(
+    args: argparse.Namespace, model: torch.nn.Module, blocks: PackedBlocks
+) -> AbstractContextManager[bool]:
+    """The job's attention for text blocks, or with `--stock-attention` the masked one."""
+    return nullcontext(False) if args.stock_attention else causal_attention(model, blocks)
+
+
 def service_training(
     args: argparse.Namespace, models: Path, config: GPT2Config, profile: bool
 ) -> tuple[float, torch.nn.Module, dict[str, Any]]:
@@ -258,7 +270,8 @@ def service_training(
         for extra in (syncs, watch, profiler):
             if extra is not None:
                 trainer.add_callback(extra)
-        trainer.train()
+        with attention(args, base.model, blocks) as causal:
+            trainer.train()
     if profiler is not None:
         counted = syncs.report(training_args.logging_steps) if syncs else "host syncs: no CUDA"
         Path(args.profile).write_text(f"{counted}\n\n{profiler.report()}")
@@ -269,6 +282,7 @@ def service_training(
         "torch_compile": bool(training_args.torch_compile),
         "dataloader_workers": training_args.dataloader_num_workers,
         "pin_memory": training_args.dataloader_pin_memory,
+        "attention": "causal" if causal else "masked",
     }
     return watch.marks[args.steps] - watch.marks[args.warmup], base.model, used
 
@@ -284,13 +298,16 @@ def reference_training(
     from the same weights.
     """
     model: torch.nn.Module = load_saved_model(models, args).model
-    if args.path == "minimal":
-        minimal = MinimalGPT(config)
-        minimal.copy_gpt2_weights(model)
-        model = minimal
+    model.config.use_cache = False  # as Trainer sets it; a cache would change the attention mask
+    blocks = PackedBlocks(random_blocks(args, config))
+    minimal = args.path == "minimal"
+    if minimal:  # its SDPA call has `is_causal` written in
+        reference = MinimalGPT(config)
+        reference.copy_gpt2_weights(model)
+        model = reference
     cuda = torch.cuda.is_available()
     loader = DataLoader(
-        PackedBlocks(random_blocks(args, config)),
+        blocks,
         batch_size=args.batch_size,
         shuffle=True,
         generator=torch.Generator().manual_seed(0),
@@ -299,16 +316,18 @@ def reference_training(
         prefetch_factor=4 if cuda else None,
         pin_memory=cuda,
     )
-    seconds, used = bare_training(
-        model,
-        loader,
-        steps=args.steps,
-        warmup=args.warmup,
-        learning_rate=LEARNING_RATE,
-        compile_model=args.compile,
-        log_every=logging_steps(args.steps),
-    )
-    return seconds, model, used | {"dataloader_workers": loader.num_workers, "pin_memory": cuda}
+    with nullcontext(True) if minimal else attention(args, model, blocks) as causal:
+        seconds, used = bare_training(
+            model,
+            loader,
+            steps=args.steps,
+            warmup=args.warmup,
+            learning_rate=LEARNING_RATE,
+            compile_model=args.compile,
+            log_every=logging_steps(args.steps),
+        )
+    loader_used = {"dataloader_workers": loader.num_workers, "pin_memory": cuda}
+    return seconds, model, used | loader_used | {"attention": "causal" if causal else "masked"}
 
 
 def run_once(
@@ -379,6 +398,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the service's model without the loss type the loader now sets (the old graph break)",
     )
     parser.add_argument(
+        "--stock-attention",
+        action="store_true",
+        help="train with the mask transformers builds, not the causal flag (as before)",
+    )
+    parser.add_argument(
         "--profile",
         help="profile 10 steps of the last run, count its host syncs per step, write both here",
     )
@@ -430,6 +454,7 @@ def main() -> None:
             "compile",
             "loader workers",
             "pin memory",
+            "attention",
             "peak GiB",
         ],
         [
@@ -443,6 +468,7 @@ def main() -> None:
                 best["torch_compile"],
                 best["dataloader_workers"],
                 best["pin_memory"],
+                best["attention"],
                 best["peak_memory_gib"],
             ]
         ],

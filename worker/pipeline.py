@@ -37,6 +37,7 @@ from shared.queue import send_train
 from shared.schemas import Hyperparameters, JobMetricRead, JobMetrics, JobRead
 from shared.settings import get_settings
 from worker import artifacts, shutdown
+from worker.attention import causal_attention
 from worker.checkpoints import CheckpointCallback, restore_newest
 from worker.data import PreparedData
 from worker.errors import HandBack, JobCancelled, JobFailure, LeaseLost, classify
@@ -231,16 +232,18 @@ def _train(lease: Lease, workdir: Path) -> None:
     _evaluate(lease, trainer, data, state, stage="baseline")
     _check(lease)
 
-    if restored is not None:
-        step = restored[0].step
-        lease.event(
-            f"resumed from checkpoint at step {step}",
-            data={"step": step, **state.training},
-            values={"resumed_from_step": step},
-        )
-    else:
-        lease.event("training started", data=state.training)
-    output = trainer.train(resume_from_checkpoint=str(restored[1]) if restored else None)
+    with causal_attention(trainer.model, data.train) as causal:
+        state.training["attention"] = "causal" if causal else "masked"
+        if restored is not None:
+            step = restored[0].step
+            lease.event(
+                f"resumed from checkpoint at step {step}",
+                data={"step": step, **state.training},
+                values={"resumed_from_step": step},
+            )
+        else:
+            lease.event("training started", data=state.training)
+        output = trainer.train(resume_from_checkpoint=str(restored[1]) if restored else None)
     lease.check()  # a cancel or a lost claim stopped the loop: leave before anything is saved
     if saver.handing_back:
         raise HandBack(

@@ -22,6 +22,7 @@ from tests.conftest import TINY_MODEL
 from tests.worker.conftest import MakeDataset, MakeJob
 from tests.worker.helpers import events_of, learnable_text, load_job, metrics_of
 from worker import pipeline, plan, trainer
+from worker.attention import CAUSAL_SDPA
 
 FULL_RUN = {"epochs": 4, "block_size": 32, "batch_size": 8, "learning_rate": 3e-3, "seed": 7}
 
@@ -184,6 +185,42 @@ class TestFullRun:
         for name in ("eval_loss", "eval_perplexity", "baseline_eval_loss"):
             assert job.metrics[name] is None
         assert all(row.eval_loss is None for row in metrics_of(job_id))
+
+    @pytest.mark.parametrize(
+        ("shape", "attention", "implementation"),
+        [("text", "causal", CAUSAL_SDPA), ("prompt_completion", "masked", "sdpa")],
+    )
+    def test_text_blocks_train_with_the_causal_flag_and_packed_rows_with_masks(
+        self,
+        settings: Settings,
+        make_dataset: MakeDataset,
+        make_job: MakeJob,
+        monkeypatch: pytest.MonkeyPatch,
+        shape: str,
+        attention: str,
+        implementation: str,
+    ) -> None:
+        implementations: list[str] = []
+
+        class Watch(TrainerCallback):
+            def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                implementations.append(kwargs["model"].config._attn_implementation)
+
+        hook_trainer(monkeypatch, Watch())
+        if shape == "text":
+            dataset_id = make_dataset(learnable_text(80))
+        else:
+            rows = [{"prompt": f"the {i}", "completion": f" red {i}."} for i in range(40)]
+            lines = "".join(json.dumps(row) + "\n" for row in rows)
+            dataset_id = make_dataset(lines, format="jsonl", shape=shape)
+        job_id, attempt = make_job(dataset_id, validation_split=0.0, block_size=32, max_steps=2)
+
+        pipeline.run(job_id, attempt)
+
+        assert load_job(job_id).status == "succeeded"
+        assert implementations == [implementation] * 2
+        started = next(e for e in events_of(job_id) if e.message == "training started")
+        assert started.data["attention"] == attention
 
 
 class TestFailures:
