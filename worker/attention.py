@@ -8,9 +8,9 @@ the masked half in its flash kernel. In eager mode transformers does read the va
 position ids, padding), which makes the host wait for the device on every forward.
 
 `causal_attention` switches a model to `CAUSAL_SDPA` (transformers' own SDPA function, with no
-mask function registered, so transformers builds no mask) while it trains on text blocks. It
-first checks that the model's stock SDPA path masks nothing on such a block: a sliding window
-shorter than the block, for one, needs its mask.
+mask function registered, so transformers builds no mask) while it trains and evaluates on text
+blocks. It first checks that the model's stock SDPA path masks nothing on such a block: a
+sliding window shorter than the block, for one, needs its mask.
 """
 
 from collections.abc import Iterator
@@ -74,8 +74,9 @@ def masks_nothing(model: PreTrainedModel, block: torch.Tensor) -> bool:
 
 @contextmanager
 def causal_attention(model: PreTrainedModel, train: TorchDataset) -> Iterator[bool]:
-    """Train `model` on `train` with `CAUSAL_SDPA` where that is exact; yields whether it is.
-    The stock implementation is back afterwards, for samples and for anything saved."""
+    """Run `model` with `CAUSAL_SDPA` on blocks like `train`'s where that is exact; yields
+    whether it does. The stock implementation is back afterwards, for samples (prompts of any
+    length) and for anything saved."""
     causal = (
         isinstance(train, PackedBlocks)
         and len(train) > 0

@@ -229,30 +229,9 @@ def _train(lease: Lease, workdir: Path) -> None:
     resumed = restored[0] if restored else None
     trainer, callback, saver = _make_trainer(lease, base, job_plan, workdir, state, resumed)
     baseline_samples = _samples(lease, trainer, base, job, "base model")
-    _evaluate(lease, trainer, data, state, stage="baseline")
-    _check(lease)
-
     with causal_attention(trainer.model, data.train) as causal:
         state.training["attention"] = "causal" if causal else "masked"
-        if restored is not None:
-            step = restored[0].step
-            lease.event(
-                f"resumed from checkpoint at step {step}",
-                data={"step": step, **state.training},
-                values={"resumed_from_step": step},
-            )
-        else:
-            lease.event("training started", data=state.training)
-        output = trainer.train(resume_from_checkpoint=str(restored[1]) if restored else None)
-    lease.check()  # a cancel or a lost claim stopped the loop: leave before anything is saved
-    if saver.handing_back:
-        raise HandBack(
-            f"the worker is shutting down; the job resumes from its checkpoint at step "
-            f"{saver.last_saved_step}"
-        )
-    state.metrics["train_loss"] = saver.run_train_loss(output.training_loss, trainer.state)
-    state.progress = {**callback.progress(trainer.state), "fraction": 1.0, "eta_seconds": 0.0}
-    _evaluate(lease, trainer, data, state, stage="final")
+        _fit(lease, trainer, data, state, restored, callback, saver)
     tuned_samples = _samples(lease, trainer, base, job, "fine-tuned model")
     state.samples = [
         {"prompt": before["prompt"], "base": before["completion"], "tuned": after["completion"]}
@@ -288,6 +267,39 @@ def _train(lease: Lease, workdir: Path) -> None:
         logger.warning("job %s: claim lost while packaging; the artifact is not ours", job.id)
         return
     checkpoints.delete_all(job.id)
+
+
+def _fit(
+    lease: Lease,
+    trainer: Trainer,
+    data: PreparedData,
+    state: RunState,
+    restored: tuple[Checkpoint, Path] | None,
+    callback: JobCallback,
+    saver: CheckpointCallback,
+) -> None:
+    """The baseline eval, training (from the newest checkpoint if there is one), the final eval."""
+    _evaluate(lease, trainer, data, state, stage="baseline")
+    _check(lease)
+    if restored is not None:
+        step = restored[0].step
+        lease.event(
+            f"resumed from checkpoint at step {step}",
+            data={"step": step, **state.training},
+            values={"resumed_from_step": step},
+        )
+    else:
+        lease.event("training started", data=state.training)
+    output = trainer.train(resume_from_checkpoint=str(restored[1]) if restored else None)
+    lease.check()  # a cancel or a lost claim stopped the loop: leave before anything is saved
+    if saver.handing_back:
+        raise HandBack(
+            f"the worker is shutting down; the job resumes from its checkpoint at step "
+            f"{saver.last_saved_step}"
+        )
+    state.metrics["train_loss"] = saver.run_train_loss(output.training_loss, trainer.state)
+    state.progress = {**callback.progress(trainer.state), "fraction": 1.0, "eta_seconds": 0.0}
+    _evaluate(lease, trainer, data, state, stage="final")
 
 
 def _report_plan(lease: Lease, job_plan: Plan) -> None:

@@ -190,7 +190,7 @@ class TestFullRun:
         ("shape", "attention", "implementation"),
         [("text", "causal", CAUSAL_SDPA), ("prompt_completion", "masked", "sdpa")],
     )
-    def test_text_blocks_train_with_the_causal_flag_and_packed_rows_with_masks(
+    def test_text_blocks_train_and_evaluate_with_the_causal_flag_packed_rows_with_masks(
         self,
         settings: Settings,
         make_dataset: MakeDataset,
@@ -200,11 +200,16 @@ class TestFullRun:
         attention: str,
         implementation: str,
     ) -> None:
-        implementations: list[str] = []
+        seen: dict[str, list[str]] = {"train": [], "eval": []}
+        models: list[Any] = []
 
         class Watch(TrainerCallback):
             def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-                implementations.append(kwargs["model"].config._attn_implementation)
+                seen["train"].append(kwargs["model"].config._attn_implementation)
+                models.append(kwargs["model"])
+
+            def on_prediction_step(self, *_: Any, **kwargs: Any) -> None:
+                seen["eval"].append(kwargs["model"].config._attn_implementation)
 
         hook_trainer(monkeypatch, Watch())
         if shape == "text":
@@ -213,14 +218,17 @@ class TestFullRun:
             rows = [{"prompt": f"the {i}", "completion": f" red {i}."} for i in range(40)]
             lines = "".join(json.dumps(row) + "\n" for row in rows)
             dataset_id = make_dataset(lines, format="jsonl", shape=shape)
-        job_id, attempt = make_job(dataset_id, validation_split=0.0, block_size=32, max_steps=2)
+        job_id, attempt = make_job(dataset_id, validation_split=0.2, block_size=32, max_steps=2)
 
         pipeline.run(job_id, attempt)
 
         assert load_job(job_id).status == "succeeded"
-        assert implementations == [implementation] * 2
+        assert seen["train"] == [implementation] * 2
+        assert seen["eval"] and set(seen["eval"]) == {implementation}  # baseline and final
         started = next(e for e in events_of(job_id) if e.message == "training started")
         assert started.data["attention"] == attention
+        # The tuned model's samples and its save ran the stock implementation again.
+        assert models[-1].config._attn_implementation == "sdpa"
 
 
 class TestFailures:
