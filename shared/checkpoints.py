@@ -55,6 +55,19 @@ def _copy_hashing(source: Path, target: Path) -> dict[str, Any]:
     return {"bytes": size, "sha256": digest.hexdigest()}
 
 
+def _move_hashing(source: Path, target: Path) -> dict[str, Any]:
+    """Rename `source` to `target` (one filesystem), hashed and flushed to disk first."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(source, "rb") as reader:
+        while chunk := reader.read(_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+        os.fsync(reader.fileno())
+    os.replace(source, target)
+    return {"bytes": size, "sha256": digest.hexdigest()}
+
+
 def _files_under(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file())
 
@@ -67,18 +80,25 @@ def write(
     *,
     before_commit: Callable[[], None] | None = None,
 ) -> None:
-    """Copy the folder `source` into storage as the checkpoint of `step`, whole or not at all.
+    """Move the files of the folder `source` into storage as the checkpoint of `step`, whole or
+    not at all; the caller deletes what is left of `source`.
+
+    Where `source` and storage share a filesystem the files are renamed, not copied: a
+    checkpoint (weights and optimizer state, three times the model's size in fp32) is then
+    written once, the training loop waits less, and the disk never holds it twice.
 
     `info` (metrics and whatever resume needs) goes into the manifest. `before_commit` runs
     just before the rename and may raise to abandon the write (a worker that lost its claim).
     An OSError (ENOSPC on a full disk) leaves every earlier checkpoint as it was.
     """
     with storage.open_dir_write(storage.checkpoint_key(job_id, step)) as partial:
+        same_filesystem = source.stat().st_dev == partial.stat().st_dev
+        move = _move_hashing if same_filesystem else _copy_hashing
         files: dict[str, Any] = {}
         for file in _files_under(source):
             relative = file.relative_to(source)
             (partial / relative).parent.mkdir(parents=True, exist_ok=True)
-            files[relative.as_posix()] = _copy_hashing(file, partial / relative)
+            files[relative.as_posix()] = move(file, partial / relative)
         manifest = {
             "step": step,
             "created_at": utcnow().isoformat().replace("+00:00", "Z"),

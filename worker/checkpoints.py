@@ -3,11 +3,11 @@ job resumes from the newest complete one.
 
 Trainer writes the checkpoint itself (`Trainer._save_checkpoint`: weights, optimizer,
 scheduler, RNG states, `trainer_state.json` with the step) into the local work folder when
-`CheckpointCallback` sets `control.should_save`; `on_save` then copies it into storage whole
-(`shared.checkpoints.write`) and deletes the local copy. `Trainer.train(resume_from_checkpoint=)`
-restores all of it and skips the batches already seen: the data order is a function of the
-seed and the epoch (accelerate's seedable sampler), so the resumed run sees exactly the batches
-the lost one would have.
+`CheckpointCallback` sets `control.should_save`; `on_save` then moves it into storage whole
+(`shared.checkpoints.write`, a rename where both share a filesystem) and deletes what is left.
+`Trainer.train(resume_from_checkpoint=)` restores all of it and skips the batches already seen:
+the data order is a function of the seed and the epoch (accelerate's seedable sampler), so the
+resumed run sees exactly the batches the lost one would have.
 """
 
 import errno

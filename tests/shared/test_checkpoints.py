@@ -1,5 +1,6 @@
 """Checkpoint folders in storage: whole or absent, verified byte for byte before a resume."""
 
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,31 @@ class TestCheckpointStorage:
         checkpoints.write("job_d", 4, source(tmp_path, 4), {})
         (storage.path(storage.checkpoint_key("job_d", 4)) / checkpoints.MANIFEST).unlink()
         assert checkpoints.list_complete("job_d") == []
+
+    def test_on_one_filesystem_the_files_are_moved_not_written_again(self, settings, tmp_path):
+        folder = source(tmp_path, 5)
+        inodes = {p.relative_to(folder).as_posix(): p.stat().st_ino for p in folder.rglob("*.*")}
+
+        checkpoints.write("job_f", 5, folder, {})
+
+        stored = storage.path(storage.checkpoint_key("job_f", 5))
+        assert {name: (stored / name).stat().st_ino for name in inodes} == inodes
+        assert not any(p.is_file() for p in folder.rglob("*"))
+        assert checkpoints.verify("job_f", 5).step == 5  # the manifest's hashes hold
+
+    def test_across_filesystems_the_files_are_copied(self, settings, tmp_path):
+        with tempfile.TemporaryDirectory(dir="/dev/shm") as elsewhere:
+            folder = source(Path(elsewhere), 6)
+
+            checkpoints.write("job_g", 6, folder, {})
+
+            stored = storage.path(storage.checkpoint_key("job_g", 6))
+            assert folder.stat().st_dev != stored.stat().st_dev
+            assert (folder / "nested" / "weights.bin").read_bytes() == b"w" * 5000
+        assert checkpoints.verify("job_g", 6).step == 6
+        restored = checkpoints.copy_out("job_g", 6, tmp_path / "restored")
+        assert (tmp_path / "restored" / "optimizer.pt").read_bytes() == bytes(range(256)) * 40
+        assert restored.step == 6
 
     def test_delete_all(self, settings, tmp_path):
         checkpoints.write("job_e", 1, source(tmp_path, 1), {})
