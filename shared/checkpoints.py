@@ -93,12 +93,12 @@ def write(
     """
     with storage.open_dir_write(storage.checkpoint_key(job_id, step)) as partial:
         same_filesystem = source.stat().st_dev == partial.stat().st_dev
-        move = _move_hashing if same_filesystem else _copy_hashing
+        store_file = _move_hashing if same_filesystem else _copy_hashing
         files: dict[str, Any] = {}
         for file in _files_under(source):
             relative = file.relative_to(source)
             (partial / relative).parent.mkdir(parents=True, exist_ok=True)
-            files[relative.as_posix()] = move(file, partial / relative)
+            files[relative.as_posix()] = store_file(file, partial / relative)
         manifest = {
             "step": step,
             "created_at": utcnow().isoformat().replace("+00:00", "Z"),
