@@ -79,7 +79,6 @@ def causal_attention(model: PreTrainedModel, train: TorchDataset) -> Iterator[bo
     length) and for anything saved."""
     causal = (
         isinstance(train, PackedBlocks)
-        and len(train) > 0
         and model.config._attn_implementation == STOCK_SDPA
         and masks_nothing(model, train.blocks[0])
         and _switch(model, CAUSAL_SDPA)
