@@ -9,8 +9,11 @@ down hands the job back to the queue after a checkpoint. A re-claimed job resume
 complete checkpoint; the checkpoints are deleted once the job has ended.
 """
 
+import errno
 import gc
 import logging
+import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -59,6 +62,10 @@ from worker.trainer import (
 )
 
 logger = logging.getLogger(__name__)
+
+# A write fails once less than a block is left; a megabyte allows for filesystems that count
+# space in larger units, and is still far less than any checkpoint.
+_FULL_BELOW_BYTES = 1 << 20
 
 
 @dataclass
@@ -155,7 +162,15 @@ def _workdir(job_id: str) -> Iterator[Path]:
     with tempfile.TemporaryDirectory(
         prefix=f"{job_id}-", dir=parent, ignore_cleanup_errors=True
     ) as folder:
-        yield Path(folder)
+        try:
+            yield Path(folder)
+        except RuntimeError as error:
+            # torch.save (Trainer's optimizer, scheduler and RNG files) reports a short write
+            # without its errno: "unexpected pos 576 vs 534". While the partial files still
+            # fill the disk, name the cause the error lost, so the job fails as disk_full.
+            if shutil.disk_usage(folder).free < _FULL_BELOW_BYTES:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), folder) from error
+            raise
 
 
 def _load_rows(job_id: str) -> tuple[Job | None, Dataset | None, Dataset | None]:

@@ -155,8 +155,8 @@ def chaos_models(models_dir: Path) -> Path:
     return models_dir
 
 
-def mount_small_storage(folder: Path, megabytes: int) -> None:
-    """A size-limited tmpfs as storage (needs root); the test is skipped where mount fails."""
+def mount_small_filesystem(folder: Path, megabytes: int) -> None:
+    """A size-limited tmpfs at `folder` (needs root); the test is skipped where mount fails."""
     folder.mkdir(parents=True, exist_ok=True)
     mounted = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(folder)],
@@ -176,12 +176,11 @@ def stack(
     home,  # noqa: F811
     tmp_path,
 ) -> Iterator[Stack]:
-    small = request.node.get_closest_marker("small_storage")
+    small = request.node.get_closest_marker("small_filesystem")
     if small is not None:
-        mount_small_storage(tmp_path / "storage", small.args[0])
-        request.addfinalizer(
-            lambda: subprocess.run(["umount", "-l", str(tmp_path / "storage")], check=False)
-        )
+        folder, megabytes = tmp_path / small.args[0], small.args[1]
+        mount_small_filesystem(folder, megabytes)
+        request.addfinalizer(lambda: subprocess.run(["umount", "-l", str(folder)], check=False))
     environment = tunery_environment(
         home=str(home),
         database_url=postgres_url,

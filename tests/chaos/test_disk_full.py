@@ -1,14 +1,17 @@
-"""Storage full while a checkpoint is written: the job fails as disk_full (our error, not the
-caller's), and the checkpoint before it is intact."""
+"""A full disk while a checkpoint is written, in storage or in the worker's work folder where
+Trainer writes it first: the job fails as disk_full (our error, not the caller's), and the
+checkpoint before it is intact."""
 
 import hashlib
 import json
 import os
+import time
 
 import pytest
 
 from tests.chaos.conftest import Stack, figures
 from tests.processes import wait_for
+from worker.checkpoints import REQUIRED_FILES
 
 
 def fill(folder: os.PathLike[str], leave_bytes: int) -> None:
@@ -23,7 +26,7 @@ def fill(folder: os.PathLike[str], leave_bytes: int) -> None:
 
 
 class TestDiskFull:
-    @pytest.mark.small_storage(24)
+    @pytest.mark.small_filesystem("storage", 24)
     def test_a_full_disk_fails_the_job_as_disk_full_and_keeps_the_checkpoint_before(
         self, stack: Stack
     ) -> None:
@@ -60,3 +63,32 @@ class TestDiskFull:
             previous_checkpoint_intact_at=intact_step,
             step_resumed_from=None,
         )
+
+    @pytest.mark.small_filesystem("home/work", 24)
+    def test_a_full_work_folder_fails_the_job_as_disk_full_though_torch_save_hides_why(
+        self, stack: Stack
+    ) -> None:
+        # The work folder lies under TUNERY_HOME. Trainer's own optimizer file goes through
+        # torch.save, whose error on a short write carries no errno: "unexpected pos 576 vs 534".
+        worker = stack.start_worker("worker", checkpoint_interval_s="2")
+        stack.wait_ready("worker", worker)
+        job_id = stack.create_job(max_steps=3000)  # long enough to reach the next checkpoint
+        steps = wait_for(lambda: stack.checkpoint_steps(job_id), timeout=90, what="a checkpoint")
+        folder = stack.storage / "checkpoints" / job_id / f"step-{steps[0]:09d}"
+        manifest = json.loads((folder / "checkpoint.json").read_text())
+        sizes = {name: facts["bytes"] for name, facts in manifest["files"].items()}
+        # Room for what Trainer writes before the optimizer (the model, the tokenizer, with a page
+        # per file to spare) and for half the optimizer, so that torch.save is what runs out.
+        before_optimizer = sum(size for name, size in sizes.items() if name not in REQUIRED_FILES)
+        time.sleep(0.5)  # the stored checkpoint's local copy is deleted just after it is stored
+        fill(
+            stack.tmp_path / "home" / "work",
+            leave_bytes=before_optimizer + 4096 * len(sizes) + sizes["optimizer.pt"] // 2,
+        )
+
+        failed = stack.client.wait(job_id, timeout=120)
+        assert failed["status"] == "failed", stack.messages(job_id)
+        assert failed["error"]["code"] == "disk_full", failed["error"]
+        assert failed["error"]["user_error"] is False
+        assert "unexpected pos" in stack.log("worker").read_text()  # torch.save's failure
+        assert worker.poll() is None
