@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from shared import storage
 from shared.models import utcnow
@@ -42,30 +42,33 @@ class Checkpoint:
     manifest: dict[str, Any]
 
 
-def _copy_hashing(source: Path, target: Path) -> dict[str, Any]:
+def _hashed(reader: BinaryIO, write: Callable[[bytes], object] | None = None) -> dict[str, Any]:
+    """The size and sha256 of what is left in `reader`; each chunk also goes to `write`."""
     digest = hashlib.sha256()
     size = 0
+    while chunk := reader.read(_CHUNK):
+        digest.update(chunk)
+        if write is not None:
+            write(chunk)
+        size += len(chunk)
+    return {"bytes": size, "sha256": digest.hexdigest()}
+
+
+def _copy_hashing(source: Path, target: Path) -> dict[str, Any]:
     with open(source, "rb") as reader, open(target, "wb") as writer:
-        while chunk := reader.read(_CHUNK):
-            digest.update(chunk)
-            writer.write(chunk)
-            size += len(chunk)
+        facts = _hashed(reader, writer.write)
         writer.flush()
         os.fsync(writer.fileno())
-    return {"bytes": size, "sha256": digest.hexdigest()}
+    return facts
 
 
 def _move_hashing(source: Path, target: Path) -> dict[str, Any]:
     """Rename `source` to `target` (one filesystem), hashed and flushed to disk first."""
-    digest = hashlib.sha256()
-    size = 0
     with open(source, "rb") as reader:
-        while chunk := reader.read(_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
+        facts = _hashed(reader)
         os.fsync(reader.fileno())
     os.replace(source, target)
-    return {"bytes": size, "sha256": digest.hexdigest()}
+    return facts
 
 
 def _files_under(folder: Path) -> list[Path]:
@@ -191,11 +194,9 @@ def verify(job_id: str, step: int) -> Checkpoint:
     folder = storage.path(storage.checkpoint_key(job_id, step))
     manifest = _read_manifest(folder, step)
     for name, facts in manifest["files"].items():
-        digest = hashlib.sha256()
         with open(folder / name, "rb") as stream:
-            while chunk := stream.read(_CHUNK):
-                digest.update(chunk)
-        if digest.hexdigest() != facts["sha256"]:
+            sha256 = _hashed(stream)["sha256"]
+        if sha256 != facts["sha256"]:
             raise CorruptCheckpoint(f"step {step}: {name} does not match its manifest")
     return _checkpoint(manifest)
 
