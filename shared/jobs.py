@@ -67,6 +67,7 @@ def _transition(
     *,
     level: str = "info",
     attempt: int | None = None,
+    unless_cancel_requested: bool = False,
     values: dict[str, Any] | None = None,
     data: dict[str, Any] | None = None,
 ) -> bool:
@@ -77,6 +78,8 @@ def _transition(
     statement = update(Job).where(Job.id == job_id, Job.status == source)
     if attempt is not None:
         statement = statement.where(Job.attempt == attempt)
+    if unless_cancel_requested:
+        statement = statement.where(Job.cancel_requested.is_(False))
     result = session.execute(
         statement.values(status=target, **(values or {})).execution_options(
             synchronize_session=False
@@ -145,6 +148,8 @@ def cancel(session: Session, job_id: str) -> None:
 def mark_succeeded(
     session: Session, job_id: str, attempt: int, values: dict[str, Any] | None = None
 ) -> bool:
+    """Refused once a cancel was requested, however late: a caller who asked for the job to
+    stop finds it cancelled, never succeeded with `cancel_requested` set."""
     return _transition(
         session,
         job_id,
@@ -152,6 +157,7 @@ def mark_succeeded(
         SUCCEEDED,
         "job succeeded",
         attempt=attempt,
+        unless_cancel_requested=True,
         values={"finished_at": utcnow(), **(values or {})},
     )
 

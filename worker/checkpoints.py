@@ -10,7 +10,6 @@ the data order is a function of the seed and the epoch (accelerate's seedable sa
 resumed run sees exactly the batches the lost one would have.
 """
 
-import errno
 import logging
 import shutil
 import time
@@ -151,12 +150,7 @@ class CheckpointCallback(TrainerCallback):
                 raise LeaseLost(f"job {self.lease.job_id} attempt {self.lease.attempt}")
 
         started = time.monotonic()
-        try:
-            checkpoints.write(self.lease.job_id, step, local, info, before_commit=still_ours)
-        except OSError as error:
-            if error.errno == errno.ENOSPC:
-                self._report_disk_full(step)
-            raise
+        checkpoints.write(self.lease.job_id, step, local, info, before_commit=still_ours)
         checkpoints.prune(self.lease.job_id)
         self.last_saved_step = step
         logger.info(
@@ -166,7 +160,7 @@ class CheckpointCallback(TrainerCallback):
             time.monotonic() - started,
         )
 
-    def _report_disk_full(self, step: int) -> None:
+    def report_disk_full(self, step: int) -> None:
         """Say, before the job fails, whether the checkpoint before the failed one survived."""
         previous = None
         for candidate in checkpoints.list_complete(self.lease.job_id):

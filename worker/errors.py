@@ -48,7 +48,7 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
-def _is_disk_full(exc: BaseException) -> bool:
+def is_disk_full(exc: BaseException) -> bool:
     # torch.save and safetensors wrap the OSError in a RuntimeError; look down the chain.
     seen: BaseException | None = exc
     while seen is not None:
@@ -64,7 +64,7 @@ def classify(exc: BaseException) -> dict[str, Any]:
     """The job's `error` for an exception that ended the pipeline."""
     if isinstance(exc, JobFailure):
         return {"code": exc.code, "message": _first_line(exc.message), "user_error": exc.user_error}
-    if _is_disk_full(exc):
+    if is_disk_full(exc):
         # Ours, not the caller's: the worker's disk or the storage volume needs room.
         return {
             "code": "disk_full",

@@ -85,10 +85,12 @@ class Lease:
         """Refresh the heartbeat (setting `values` on the job) and run `fn` in the same
         transaction; nothing is written and False is returned once the lease is lost.
 
+        The heartbeat's statement reads the cancel flag, so every write notices a cancel; with
+        `poll`, the write also stands in for this interval's `poll`.
+
         With `skip_on_outage`, a database that cannot be reached skips this write instead of
         failing hours of training: if the outage lasts, the sweeper re-queues the job and the
         next write finds the lease lost. Without it, the write is retried through the outage.
-        With `poll`, the write is also a `poll`: the heartbeat's statement reads the cancel flag.
         """
         if self.lost:
             return False
@@ -108,9 +110,9 @@ class Lease:
             if cancel_requested is None:
                 self.lost = True
                 return False
+            self.cancel_requested = self.cancel_requested or cancel_requested
             if poll:
                 self._last_poll = time.monotonic()
-                self.cancel_requested = self.cancel_requested or cancel_requested
         except OUTAGE_ERRORS:
             if not skip_on_outage:
                 raise
@@ -187,8 +189,10 @@ class Lease:
     @contextmanager
     def keep_alive(self) -> Iterator[None]:
         """Heartbeat from a thread during one long blocking call (a model download, saving,
-        packaging) that cannot beat by itself. Training never runs under it: there the
-        callback beats, so a hung training loop goes stale and gets re-queued."""
+        packaging) that cannot beat by itself, and raise at its end if a beat read a cancel or
+        found the claim lost; a call that can stop early checks `raise_if_stopped` itself.
+        Training never runs under it: there the callback beats, so a hung training loop goes
+        stale and gets re-queued."""
         stop = threading.Event()
 
         def run() -> None:

@@ -43,7 +43,7 @@ from worker import artifacts, shutdown
 from worker.attention import causal_attention
 from worker.checkpoints import CheckpointCallback, restore_newest
 from worker.data import PreparedData
-from worker.errors import HandBack, JobCancelled, JobFailure, LeaseLost, classify
+from worker.errors import HandBack, JobCancelled, JobFailure, LeaseLost, classify, is_disk_full
 from worker.lease import Lease, retry_on_outage
 from worker.lora import apply_lora, save_lora
 from worker.masking import DEFAULT_CHAT_TEMPLATE
@@ -103,7 +103,7 @@ def run(job_id: str, attempt: int) -> None:
     except JobCancelled:
         logger.info("job %s cancelled", job_id)
         if _record_end(job_id, lambda session: jobs.mark_cancelled(session, job_id, attempt)):
-            checkpoints.delete_all(job_id)
+            _delete_files(job_id)
     except Exception as exc:
         error = classify(exc)
         logger.exception("job %s attempt %s failed: %s", job_id, attempt, error["code"])
@@ -111,7 +111,7 @@ def run(job_id: str, attempt: int) -> None:
             job_id, lambda session: jobs.mark_failed(session, job_id, error, attempt=attempt)
         )
         if failed:
-            checkpoints.delete_all(job_id)
+            _delete_files(job_id)
     finally:
         # Free the model before the next job; the worker process lives on.
         gc.collect()
@@ -133,6 +133,13 @@ def _record_end(job_id: str, transition: Callable[[Session], bool]) -> bool:
     except Exception:
         logger.exception("job %s: could not record how it ended", job_id)
         return False
+
+
+def _delete_files(job_id: str) -> None:
+    """A job that ended without success keeps no checkpoints, nor a tarball whose upload
+    finished just before a cancel was read."""
+    checkpoints.delete_all(job_id)
+    storage.delete(storage.artifact_key(job_id))
 
 
 def _hand_back(job_id: str, attempt: int, reason: str) -> None:
@@ -162,15 +169,7 @@ def _workdir(job_id: str) -> Iterator[Path]:
     with tempfile.TemporaryDirectory(
         prefix=f"{job_id}-", dir=parent, ignore_cleanup_errors=True
     ) as folder:
-        try:
-            yield Path(folder)
-        except RuntimeError as error:
-            # torch.save (Trainer's optimizer, scheduler and RNG files) reports a short write
-            # without its errno: "unexpected pos 576 vs 534". While the partial files still
-            # fill the disk, name the cause the error lost, so the job fails as disk_full.
-            if shutil.disk_usage(folder).free < _FULL_BELOW_BYTES:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), folder) from error
-            raise
+        yield Path(folder)
 
 
 def _load_rows(job_id: str) -> tuple[Job | None, Dataset | None, Dataset | None]:
@@ -262,8 +261,11 @@ def _train(lease: Lease, workdir: Path) -> None:
     with lease.keep_alive():
         finished_at = utcnow()
         _write_package(package, inputs, state, finished_at)
-        lease.check()
-        size, sha256 = artifacts.upload_tarball(package, storage.artifact_key(job.id))
+        # The keep-alive's beats read the cancel flag: a cancel stops a long upload within a
+        # beat, and its partial file is removed.
+        size, sha256 = artifacts.upload_tarball(
+            package, storage.artifact_key(job.id), on_chunk=lease.raise_if_stopped
+        )
     values = {
         "artifact_bytes": size,
         "artifact_sha256": sha256,
@@ -277,11 +279,10 @@ def _train(lease: Lease, workdir: Path) -> None:
         with session_scope() as session:
             return jobs.mark_succeeded(session, job.id, lease.attempt, values=values)
 
-    done = retry_on_outage(succeed, f"recording that job {job.id} succeeded")
-    if not done:
-        logger.warning("job %s: claim lost while packaging; the artifact is not ours", job.id)
-        return
-    checkpoints.delete_all(job.id)
+    if retry_on_outage(succeed, f"recording that job {job.id} succeeded"):
+        checkpoints.delete_all(job.id)
+    else:
+        lease.check()  # raises why: a cancel read after the upload, or a lost claim
 
 
 def _fit(
@@ -305,7 +306,13 @@ def _fit(
         )
     else:
         lease.event("training started", data=state.training)
-    output = trainer.train(resume_from_checkpoint=str(restored[1]) if restored else None)
+    try:
+        output = trainer.train(resume_from_checkpoint=str(restored[1]) if restored else None)
+    except Exception as error:
+        error = _name_a_full_disk(error, Path(trainer.args.output_dir))
+        if is_disk_full(error):  # while saving a checkpoint, Trainer's files or ours
+            saver.report_disk_full(trainer.state.global_step)
+        raise error
     lease.check()  # a cancel or a lost claim stopped the loop: leave before anything is saved
     if saver.handing_back:
         raise HandBack(
@@ -315,6 +322,17 @@ def _fit(
     state.metrics["train_loss"] = saver.run_train_loss(output.training_loss, trainer.state)
     state.progress = {**callback.progress(trainer.state), "fraction": 1.0, "eta_seconds": 0.0}
     _evaluate(lease, trainer, data, state, stage="final")
+
+
+def _name_a_full_disk(error: Exception, folder: Path) -> Exception:
+    """torch.save (Trainer's optimizer, scheduler and RNG files) reports a short write without
+    its errno: "unexpected pos 576 vs 534". While the partial files in `folder` still fill the
+    disk, name the cause the error lost, so the job fails as disk_full."""
+    if isinstance(error, RuntimeError) and shutil.disk_usage(folder).free < _FULL_BELOW_BYTES:
+        named = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder))
+        named.__cause__ = error
+        return named
+    return error
 
 
 def _report_plan(lease: Lease, job_plan: Plan) -> None:
@@ -354,7 +372,8 @@ def _answer_dry_run(lease: Lease, inputs: JobInputs, job_plan: Plan, base: BaseM
                 session, inputs.job.id, lease.attempt, values={"plan": report}
             )
 
-    retry_on_outage(succeed, f"recording the dry run of job {inputs.job.id}")
+    if not retry_on_outage(succeed, f"recording the dry run of job {inputs.job.id}"):
+        lease.check()
 
 
 def _make_trainer(

@@ -1,6 +1,6 @@
 """A full disk while a checkpoint is written, in storage or in the worker's work folder where
-Trainer writes it first: the job fails as disk_full (our error, not the caller's), and the
-checkpoint before it is intact."""
+Trainer writes it first: the job fails as disk_full (our error, not the caller's), and an event
+says that the checkpoint before it is intact."""
 
 import hashlib
 import json
@@ -23,6 +23,17 @@ def fill(folder: os.PathLike[str], leave_bytes: int) -> None:
         block = b"\0" * (1 << 20)
         while remaining > 0:
             remaining -= stream.write(block[: min(len(block), remaining)])
+
+
+def disk_full_report(stack: Stack, job_id: str) -> tuple[int, int]:
+    """The steps of the checkpoint that was not written and of the intact one before it, as
+    the job's "the disk is full" event names them."""
+    report = next(m for m in stack.messages(job_id) if m.startswith("the disk is full"))
+    assert "is intact (every file verified)" in report, report
+    failed_step = int(report.split("checkpoint at step ")[1].split(" ")[0])
+    intact_step = int(report.split("; the checkpoint at step ")[1].split(" ")[0])
+    assert failed_step > intact_step, report
+    return failed_step, intact_step
 
 
 class TestDiskFull:
@@ -48,11 +59,8 @@ class TestDiskFull:
         assert failed["status"] == "failed", stack.messages(job_id)
         assert failed["error"]["code"] == "disk_full"
         assert failed["error"]["user_error"] is False
-        report = next(m for m in stack.messages(job_id) if m.startswith("the disk is full"))
-        failed_step = int(report.split("checkpoint at step ")[1].split(" ")[0])
-        intact_step = int(report.split("; the checkpoint at step ")[1].split(" ")[0])
-        assert intact_step >= steps[0] and failed_step > intact_step, report
-        assert "is intact (every file verified)" in report
+        failed_step, intact_step = disk_full_report(stack, job_id)
+        assert intact_step >= steps[0]
         # Nothing is left behind on the full volume: the partial write and, the job having
         # ended, its checkpoints.
         assert not (stack.storage / "checkpoints" / job_id).exists()
@@ -91,4 +99,6 @@ class TestDiskFull:
         assert failed["error"]["code"] == "disk_full", failed["error"]
         assert failed["error"]["user_error"] is False
         assert "unexpected pos" in stack.log("worker").read_text()  # torch.save's failure
+        # The checkpoint before, in storage, is untouched by the full work folder.
+        assert disk_full_report(stack, job_id)[1] >= steps[0]
         assert worker.poll() is None

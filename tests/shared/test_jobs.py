@@ -75,6 +75,16 @@ class TestTransitions:
         with pytest.raises(jobs.JobFinished):
             run(jobs.cancel, job_id)
 
+    def test_a_cancel_requested_before_success_wins(self, job_id):
+        attempt = run(jobs.claim, job_id)
+        run(jobs.cancel, job_id)
+        assert not run(jobs.mark_succeeded, job_id, attempt, {"artifact_bytes": 3})
+        assert status_of(job_id) == "running"
+        assert run(jobs.mark_cancelled, job_id, attempt)
+        assert status_events(job_id) == ["queued", "running", "cancelled"]
+        with session_scope() as session:
+            assert session.get(Job, job_id).artifact_bytes is None
+
     def test_a_stale_attempt_cannot_finish_the_job(self, job_id):
         first = run(jobs.claim, job_id)
         run(jobs.requeue, job_id, first, "lease lost")

@@ -58,25 +58,25 @@ def test_the_heartbeat_interval_follows_a_shortened_timeout(
     assert sent.count("UPDATE") == 1
 
 
-def test_a_polling_write_reads_the_cancel_flag_in_its_heartbeat(
-    claimed: tuple[str, int],
+@pytest.mark.parametrize("poll", [True, False])
+def test_a_write_reads_the_cancel_flag_in_its_heartbeat(
+    claimed: tuple[str, int], poll: bool
 ) -> None:
     job_id, attempt = claimed
     lease = Lease(job_id, attempt)
-    assert lease.write(values={"progress": {"step": 1}}, poll=True)
+    assert lease.write(values={"progress": {"step": 1}}, poll=poll)
     assert not lease.should_stop
     with session_scope() as session:
         jobs.cancel(session, job_id)
 
-    # A plain write (the keep-alive of a save or an upload) leaves the flag to `check`.
-    assert lease.write(values={"progress": {"step": 2}})
-    assert not lease.cancel_requested
-
+    # A plain write (the keep-alive's beat during a save or an upload) notices it as well.
     with statements_sent() as sent:
-        assert lease.write(values={"progress": {"step": 3}}, poll=True)
+        assert lease.write(values={"progress": {"step": 2}}, poll=poll)
     assert sent == ["UPDATE"]  # no SELECT: the heartbeat's own statement read the flag
     assert lease.cancel_requested and not lease.lost
-    assert load_job(job_id).progress == {"step": 3}
+    assert load_job(job_id).progress == {"step": 2}
+    with pytest.raises(JobCancelled):
+        lease.raise_if_stopped()
 
 
 def test_a_cancel_request_is_seen_by_the_next_poll(claimed: tuple[str, int]) -> None:

@@ -3,9 +3,11 @@
 import hashlib
 import json
 import math
+import os
 import shutil
 import subprocess
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +19,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from shared import jobs, storage
 from shared.db import session_scope
 from shared.models import Job
-from shared.settings import Settings
+from shared.settings import Settings, get_settings
 from tests.conftest import TINY_MODEL
 from tests.worker.conftest import MakeDataset, MakeJob
 from tests.worker.helpers import events_of, learnable_text, load_job, metrics_of
-from worker import pipeline, plan, trainer
+from worker import artifacts, pipeline, plan, trainer
 from worker.attention import CAUSAL_SDPA
+from worker.errors import JobCancelled
 
 FULL_RUN = {"epochs": 4, "block_size": 32, "batch_size": 8, "learning_rate": 3e-3, "seed": 7}
 
@@ -67,6 +70,50 @@ class AtStep(TrainerCallback):
         if not self.done and state.global_step == self.step - 1:
             self.done = True
             self.action()
+
+
+def request_cancel(job_id: str) -> None:
+    with session_scope() as session:
+        jobs.cancel(session, job_id)
+
+
+def watch_uploads(
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    before: Callable[[Path, Callable[[], None]], Callable[[], None]] | None = None,
+    after: Callable[[], None] | None = None,
+) -> list[str]:
+    """Record how each tarball upload ends ("uploaded" or "stopped"); `before` may add to the
+    package and wrap the chunk callback, `after` runs once an upload is complete."""
+    real = artifacts.upload_tarball
+    endings: list[str] = []
+
+    def upload(package: Path, key: str, on_chunk: Callable[[], None]) -> tuple[int, str]:
+        if before is not None:
+            on_chunk = before(package, on_chunk)
+        try:
+            result = real(package, key, on_chunk=on_chunk)
+        except JobCancelled:
+            endings.append("stopped")
+            raise
+        endings.append("uploaded")
+        if after is not None:
+            after()
+        return result
+
+    monkeypatch.setattr(artifacts, "upload_tarball", upload)
+    return endings
+
+
+def assert_cancelled_with_nothing_kept(job_id: str, settings: Settings) -> None:
+    job = load_job(job_id)
+    assert job.status == "cancelled", job.error
+    assert job.artifact_sha256 is None and job.artifact_bytes is None
+    messages = [event.message for event in events_of(job_id)]
+    assert "job cancelled while running" in messages and "job succeeded" not in messages
+    assert storage.list_dir("artifacts") == []  # neither the tarball nor a partial file
+    assert storage.list_dir(storage.checkpoints_key(job_id)) == []
+    assert not any((settings.home / "work").iterdir())
 
 
 def hook_trainer(monkeypatch: pytest.MonkeyPatch, callback: TrainerCallback) -> None:
@@ -321,12 +368,8 @@ class TestStopping:
             max_steps=200,
         )
 
-        def request_cancel() -> None:
-            with session_scope() as session:
-                jobs.cancel(session, job_id)
-
         assert trainer.logging_steps(200) == 4
-        hook = AtStep(cancel_step, request_cancel)
+        hook = AtStep(cancel_step, lambda: request_cancel(job_id))
         hook_trainer(monkeypatch, hook)
 
         pipeline.run(job_id, attempt)
@@ -342,6 +385,75 @@ class TestStopping:
         assert "job cancelled while running" in messages
         assert not any("saving" in m or "packaging" in m or "final eval" in m for m in messages)
         assert not any((settings.home / "work").iterdir())
+
+    def test_a_cancel_while_the_model_is_saved_stops_before_the_upload(
+        self,
+        settings: Settings,
+        make_dataset: MakeDataset,
+        make_job: MakeJob,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        job_id, attempt = make_job(make_dataset(learnable_text(40)), block_size=32, max_steps=2)
+        real_save = pipeline._save_model
+
+        def save_after_a_cancel(*args: Any) -> None:
+            request_cancel(job_id)
+            real_save(*args)
+
+        monkeypatch.setattr(pipeline, "_save_model", save_after_a_cancel)
+        uploads = watch_uploads(monkeypatch)
+
+        pipeline.run(job_id, attempt)
+
+        assert uploads == ["stopped"]  # the packaging event's heartbeat read the cancel
+        assert_cancelled_with_nothing_kept(job_id, settings)
+
+    def test_a_cancel_during_a_long_upload_stops_it_within_a_heartbeat(
+        self,
+        settings: Settings,
+        make_dataset: MakeDataset,
+        make_job: MakeJob,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        monkeypatch.setenv("TUNERY_HEARTBEAT_TIMEOUT_S", "0.5")  # the keep-alive beats every 0.1 s
+        get_settings.cache_clear()
+        job_id, attempt = make_job(make_dataset(learnable_text(40)), block_size=32, max_steps=2)
+
+        def cancel_at_the_first_chunk(package: Path, on_chunk: Callable[[], None]) -> Any:
+            # Incompressible bytes make the upload take far longer than a heartbeat interval.
+            (package / "padding.bin").write_bytes(os.urandom(64 << 20))
+            cancelled = False
+
+            def chunk() -> None:
+                nonlocal cancelled
+                if not cancelled:
+                    cancelled = True
+                    request_cancel(job_id)
+                on_chunk()
+
+            return chunk
+
+        uploads = watch_uploads(monkeypatch, before=cancel_at_the_first_chunk)
+
+        pipeline.run(job_id, attempt)
+
+        assert uploads == ["stopped"]
+        assert_cancelled_with_nothing_kept(job_id, settings)
+
+    def test_a_cancel_read_only_after_the_upload_still_wins(
+        self,
+        settings: Settings,
+        make_dataset: MakeDataset,
+        make_job: MakeJob,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        job_id, attempt = make_job(make_dataset(learnable_text(40)), block_size=32, max_steps=2)
+        uploads = watch_uploads(monkeypatch, after=lambda: request_cancel(job_id))
+
+        pipeline.run(job_id, attempt)
+
+        assert uploads == ["uploaded"]  # then refused success, and the tarball was deleted
+        assert_cancelled_with_nothing_kept(job_id, settings)
 
     def test_a_lost_claim_stops_training_and_writes_nothing_more(
         self,
