@@ -72,6 +72,12 @@ class AtStep(TrainerCallback):
             self.action()
 
 
+@pytest.fixture
+def short_job(make_dataset: MakeDataset, make_job: MakeJob) -> tuple[str, int]:
+    """A claimed two-step job: what comes after training is what these tests watch."""
+    return make_job(make_dataset(learnable_text(40)), block_size=32, max_steps=2)
+
+
 def request_cancel(job_id: str) -> None:
     with session_scope() as session:
         jobs.cancel(session, job_id)
@@ -387,13 +393,9 @@ class TestStopping:
         assert not any((settings.home / "work").iterdir())
 
     def test_a_cancel_while_the_model_is_saved_stops_before_the_upload(
-        self,
-        settings: Settings,
-        make_dataset: MakeDataset,
-        make_job: MakeJob,
-        monkeypatch: pytest.MonkeyPatch,
+        self, settings: Settings, short_job: tuple[str, int], monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        job_id, attempt = make_job(make_dataset(learnable_text(40)), block_size=32, max_steps=2)
+        job_id, attempt = short_job
         real_save = pipeline._save_model
 
         def save_after_a_cancel(*args: Any) -> None:
@@ -409,15 +411,11 @@ class TestStopping:
         assert_cancelled_with_nothing_kept(job_id, settings)
 
     def test_a_cancel_during_a_long_upload_stops_it_within_a_heartbeat(
-        self,
-        settings: Settings,
-        make_dataset: MakeDataset,
-        make_job: MakeJob,
-        monkeypatch: pytest.MonkeyPatch,
+        self, settings: Settings, short_job: tuple[str, int], monkeypatch: pytest.MonkeyPatch
     ) -> None:
+        job_id, attempt = short_job
         monkeypatch.setenv("TUNERY_HEARTBEAT_TIMEOUT_S", "0.5")  # the keep-alive beats every 0.1 s
         get_settings.cache_clear()
-        job_id, attempt = make_job(make_dataset(learnable_text(40)), block_size=32, max_steps=2)
 
         def cancel_at_the_first_chunk(package: Path, on_chunk: Callable[[], None]) -> Any:
             # Incompressible bytes make the upload take far longer than a heartbeat interval.
@@ -441,13 +439,9 @@ class TestStopping:
         assert_cancelled_with_nothing_kept(job_id, settings)
 
     def test_a_cancel_read_only_after_the_upload_still_wins(
-        self,
-        settings: Settings,
-        make_dataset: MakeDataset,
-        make_job: MakeJob,
-        monkeypatch: pytest.MonkeyPatch,
+        self, settings: Settings, short_job: tuple[str, int], monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        job_id, attempt = make_job(make_dataset(learnable_text(40)), block_size=32, max_steps=2)
+        job_id, attempt = short_job
         uploads = watch_uploads(monkeypatch, after=lambda: request_cancel(job_id))
 
         pipeline.run(job_id, attempt)
