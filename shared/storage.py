@@ -8,6 +8,7 @@ a reader never sees half a file.
 import os
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,18 +20,21 @@ from shared.settings import get_settings
 _KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_.-]+)*$")
 _CHECKPOINT_NAME = re.compile(r"^step-(\d{9})$")
 _PARTIAL_SUFFIX = ".partial"
+_STALE_SUFFIX = ".stale"
+_DATASETS, _ARTIFACTS, _CHECKPOINTS = "datasets", "artifacts", "checkpoints"
+_ARTIFACT_SUFFIX = ".tar.gz"
 
 
 def dataset_key(dataset_id: str) -> str:
-    return f"datasets/{dataset_id}"
+    return f"{_DATASETS}/{dataset_id}"
 
 
 def artifact_key(job_id: str) -> str:
-    return f"artifacts/{job_id}.tar.gz"
+    return f"{_ARTIFACTS}/{job_id}{_ARTIFACT_SUFFIX}"
 
 
 def checkpoints_key(job_id: str) -> str:
-    return f"checkpoints/{job_id}"
+    return f"{_CHECKPOINTS}/{job_id}"
 
 
 def checkpoint_key(job_id: str, step: int) -> str:
@@ -59,7 +63,7 @@ def open_write(key: str) -> Iterator[BinaryIO]:
     """Write a file whole: it appears under `key` only if the block ends without an error."""
     final = path(key)
     final.parent.mkdir(parents=True, exist_ok=True)
-    partial = final.with_name(f".{final.name}.{uuid.uuid4().hex}.partial")
+    partial = final.with_name(f".{final.name}.{uuid.uuid4().hex}{_PARTIAL_SUFFIX}")
     try:
         with open(partial, "wb") as stream:
             yield stream
@@ -98,7 +102,7 @@ def open_dir_write(key: str) -> Iterator[Path]:
         fsync_path(partial)
         if final.exists():
             # os.replace cannot replace a non-empty folder: move the old one aside first.
-            stale = final.with_name(f".{final.name}.{uuid.uuid4().hex}.stale")
+            stale = final.with_name(f".{final.name}.{uuid.uuid4().hex}{_STALE_SUFFIX}")
             os.replace(final, stale)
             shutil.rmtree(stale, ignore_errors=True)
         os.replace(partial, final)
@@ -115,11 +119,44 @@ def list_dir(key: str) -> list[str]:
         return []
 
 
+def _is_temporary(name: str) -> bool:
+    return name.startswith(".") and name.endswith((_PARTIAL_SUFFIX, _STALE_SUFFIX))
+
+
 def delete_partials(key: str) -> None:
     """Remove temporary folders that writers under `key` left behind when they died."""
     for name in list_dir(key):
-        if name.startswith(".") and name.endswith((_PARTIAL_SUFFIX, ".stale")):
+        if _is_temporary(name):
             shutil.rmtree(path(key) / name, ignore_errors=True)
+
+
+def temporary_files(older_than_s: float) -> list[str]:
+    """Keys of the temporary files of dataset and tarball writes not written to for
+    `older_than_s`: a live writer writes continuously, so these writers died."""
+    now = time.time()
+    keys = []
+    for folder in (_DATASETS, _ARTIFACTS):
+        for name in filter(_is_temporary, list_dir(folder)):
+            try:
+                if now - (path(folder) / name).stat().st_mtime > older_than_s:
+                    keys.append(f"{folder}/{name}")
+            except FileNotFoundError:
+                continue  # its writer finished or removed it meanwhile
+    return keys
+
+
+def stored_dataset_ids() -> list[str]:
+    return [name for name in list_dir(_DATASETS) if not _is_temporary(name)]
+
+
+def jobs_with_an_artifact() -> list[str]:
+    names = list_dir(_ARTIFACTS)
+    suffix = len(_ARTIFACT_SUFFIX)
+    return [n[:-suffix] for n in names if n.endswith(_ARTIFACT_SUFFIX) and not _is_temporary(n)]
+
+
+def jobs_with_checkpoints() -> list[str]:
+    return list_dir(_CHECKPOINTS)
 
 
 def open_read(key: str) -> BinaryIO:

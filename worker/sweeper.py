@@ -1,12 +1,15 @@
 """The sweeper: the database is the truth, so it repairs what the queue and dead workers lose,
-and clears from this worker's token cache what deleted datasets left behind.
+clears from this worker's token cache what deleted datasets left behind, and, once an hour,
+removes the files in storage that dead processes left.
 
 It runs in every `tunery worker` (and so in `tunery up`). Several sweepers at once are fine:
-each action is a conditional update that only one of them wins.
+each action is a conditional update that only one of them wins, or a deletion that may be
+done twice.
 """
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -17,9 +20,12 @@ from shared.db import read_session, session_scope
 from shared.models import Dataset, Job, utcnow
 from shared.queue import send_train
 from shared.settings import get_settings
-from worker import token_cache
+from worker import leftovers, token_cache
 
 logger = logging.getLogger(__name__)
+
+# Listing storage costs a scan of its folders; leftovers may wait an hour.
+_LEFTOVERS_INTERVAL_S = 3600.0
 
 
 @dataclass
@@ -28,6 +34,7 @@ class SweepReport:
     requeued: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     uncached: list[str] = field(default_factory=list)  # token cache entries removed
+    removed: list[str] = field(default_factory=list)  # storage keys of leftovers
 
 
 def _resend_unclaimed(report: SweepReport) -> None:
@@ -110,21 +117,27 @@ def _trim_token_cache(report: SweepReport) -> None:
     report.uncached = token_cache.trim(_live_datasets, get_settings().token_cache_max_bytes)
 
 
-def sweep() -> SweepReport:
+def sweep(*, storage_leftovers: bool = False) -> SweepReport:
     report = SweepReport()
     _resend_unclaimed(report)
     _recover_stale(report)
     _trim_token_cache(report)
-    if report.resent or report.requeued or report.failed or report.uncached:
+    if storage_leftovers:
+        report.removed = leftovers.remove()
+    if report.resent or report.requeued or report.failed or report.uncached or report.removed:
         logger.info("sweep: %s", report)
     return report
 
 
 def run_forever(stop: threading.Event) -> None:
     interval = get_settings().sweep_interval_s
+    leftovers_due = time.monotonic()  # at the first round too: a worker restarts after a crash
     while not stop.wait(interval):
         try:
-            sweep()
+            storage_leftovers = time.monotonic() >= leftovers_due
+            sweep(storage_leftovers=storage_leftovers)
+            if storage_leftovers:
+                leftovers_due = time.monotonic() + _LEFTOVERS_INTERVAL_S
         except Exception:
             # A database or broker outage must not kill the sweeper; the next round retries.
             logger.warning("sweep failed; retrying in %g s", interval, exc_info=True)

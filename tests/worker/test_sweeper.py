@@ -1,6 +1,11 @@
-"""The sweeper re-sends lost doorbells, re-queues jobs of dead workers, caps attempts, and clears
-deleted datasets from the token cache."""
+"""The sweeper re-sends lost doorbells, re-queues jobs of dead workers, caps attempts, clears
+deleted datasets from the token cache, and removes the files dead processes left in storage."""
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -10,7 +15,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 from transformers import AutoTokenizer
 
-from shared import jobs
+from shared import jobs, storage
 from shared.db import session_scope
 from shared.models import Dataset, Job, JobEvent, utcnow
 from tests.api.conftest import upload
@@ -178,3 +183,103 @@ class TestTokenCache:
         assert prepare(theirs) is True
         delete(client, other_auth_headers, theirs)
         assert len(sweep().uncached) == 2
+
+
+def killed_while_writing(key: str) -> str:
+    """Write `key` in a process of its own, through storage's own writer, and SIGKILL it
+    halfway; returns the key of the temporary file it leaves."""
+    code = (
+        "import os, signal\n"
+        "from shared import storage\n"
+        f"with storage.open_write({key!r}) as stream:\n"
+        "    stream.write(b'half of a file')\n"
+        "    stream.flush()\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    assert subprocess.run([sys.executable, "-c", code]).returncode == -signal.SIGKILL
+    folder, name = key.split("/")
+    (left,) = [entry for entry in storage.list_dir(folder) if entry.startswith(f".{name}.")]
+    return f"{folder}/{left}"
+
+
+def make_old(key: str, days: float = 2) -> None:
+    then = time.time() - days * 86400
+    os.utime(storage.path(key), (then, then))
+
+
+def store(key: str) -> str:
+    with storage.open_write(key) as stream:
+        stream.write(b"content")
+    return key
+
+
+def store_checkpoint(job_id: str) -> str:
+    with storage.open_dir_write(storage.checkpoint_key(job_id, 5)) as folder:
+        (folder / "model.safetensors").write_bytes(b"weights")
+    return storage.checkpoints_key(job_id)
+
+
+def ended(job_id: str, status: str) -> str:
+    with session_scope() as session:
+        attempt = jobs.claim(session, job_id)
+        if status == "succeeded":
+            assert jobs.mark_succeeded(session, job_id, attempt)
+        elif status == "failed":
+            assert jobs.mark_failed(session, job_id, {"code": "x", "message": "x"}, attempt=attempt)
+        elif status == "cancelled":
+            assert jobs.mark_cancelled(session, job_id, attempt)
+    return job_id
+
+
+class TestStorageLeftovers:
+    def test_a_killed_writers_temporary_file_goes_once_it_is_a_day_old(self, sweeper_settings):
+        dataset_left = killed_while_writing(storage.dataset_key("ds_killed"))
+        tarball_left = killed_while_writing(storage.artifact_key(new_job()))
+        recent_left = killed_while_writing(storage.dataset_key("ds_killed_recently"))
+
+        assert sweep(storage_leftovers=True).removed == []  # a writer may still be at work
+        make_old(dataset_left)
+        make_old(tarball_left)
+        make_old(recent_left, days=0.5)
+        assert sweep().removed == []  # only the hourly round looks at storage
+
+        assert sorted(sweep(storage_leftovers=True).removed) == sorted([dataset_left, tarball_left])
+        assert not storage.exists(dataset_left) and not storage.exists(tarball_left)
+        assert storage.exists(recent_left)
+
+    def test_files_their_rows_say_are_gone_are_removed_and_no_others(self, sweeper_settings):
+        running = new_job()
+        with session_scope() as session:
+            jobs.claim(session, running)
+            live_dataset = session.get(Job, running).dataset_id
+        succeeded, failed, cancelled = (
+            ended(new_job(), status) for status in ("succeeded", "failed", "cancelled")
+        )
+        with session_scope() as session:
+            deleted_dataset = session.get(Job, failed).dataset_id
+            session.execute(
+                update(Dataset).where(Dataset.id == deleted_dataset).values(deleted_at=utcnow())
+            )
+        # What a process killed between a row's change and the removal of the files leaves.
+        gone = [
+            store(storage.dataset_key(deleted_dataset)),
+            store(storage.artifact_key(failed)),
+            store_checkpoint(failed),
+            store(storage.artifact_key(cancelled)),
+            store_checkpoint(succeeded),
+        ]
+        kept = [
+            store(storage.dataset_key(live_dataset)),
+            store_checkpoint(running),
+            store(storage.artifact_key(succeeded)),
+            # No row names these: they may be another deployment's on a shared volume.
+            store(storage.dataset_key("ds_of_another_deployment")),
+            store(storage.artifact_key("job_of_another_deployment")),
+            store_checkpoint("job_of_another_deployment"),
+        ]
+
+        assert sorted(sweep(storage_leftovers=True).removed) == sorted(gone)
+        assert [key for key in gone if storage.exists(key)] == []
+        assert [key for key in kept if not storage.exists(key)] == []
+        assert storage.list_dir(storage.checkpoints_key(running)) == ["step-000000005"]
+        assert sweep(storage_leftovers=True).removed == []
