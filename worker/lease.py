@@ -132,6 +132,13 @@ class Lease:
         values = {"progress": progress} if progress is not None else None
         return self.write(values=values, skip_on_outage=True)
 
+    def keep_going(self) -> None:
+        """Heartbeat (throttled) and raise if a beat read a cancel or found the claim lost: the
+        progress callback of a long loop (tokenizing, generating samples) that may stop
+        between its items."""
+        self.beat()
+        self.raise_if_stopped()
+
     def poll(self, *, force: bool = False) -> None:
         """Read the cancel flag and ownership, at most once per poll interval."""
         now = time.monotonic()

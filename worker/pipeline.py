@@ -415,7 +415,7 @@ def _samples(
         job.eval_prompts,
         max_positions=base.max_positions,
         max_new_tokens=job.eval_max_new_tokens,
-        on_progress=lease.beat,
+        on_progress=lease.keep_going,
     )
     if samples:
         lease.event(f"samples from the {which}", data={"model": which, "samples": samples})

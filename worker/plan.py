@@ -86,7 +86,7 @@ def plan(
         truncation=truncation,
         mode=mode,
         use_cache=True,
-        on_progress=lease.beat,
+        on_progress=lease.keep_going,
     )
     hp = resolve(
         hyperparameters,

@@ -23,7 +23,7 @@ from shared.settings import Settings, get_settings
 from tests.conftest import TINY_MODEL
 from tests.worker.conftest import MakeDataset, MakeJob
 from tests.worker.helpers import events_of, learnable_text, load_job, metrics_of
-from worker import artifacts, pipeline, plan, trainer
+from worker import artifacts, pipeline, plan, token_cache, trainer
 from worker.attention import CAUSAL_SDPA
 from worker.errors import JobCancelled
 
@@ -391,6 +391,37 @@ class TestStopping:
         assert "job cancelled while running" in messages
         assert not any("saving" in m or "packaging" in m or "final eval" in m for m in messages)
         assert not any((settings.home / "work").iterdir())
+
+    @pytest.mark.parametrize("stage", ["plan", "generate_samples"])
+    def test_a_cancel_while_data_is_tokenized_or_samples_generated_stops_the_stage(
+        self,
+        stage: str,
+        settings: Settings,
+        short_job: tuple[str, int],
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        job_id, attempt = short_job
+        with session_scope() as session:
+            session.execute(update(Job).where(Job.id == job_id).values(eval_prompts=["a", "b"]))
+        monkeypatch.setenv("TUNERY_HEARTBEAT_TIMEOUT_S", "0.005")  # a beat at every batch, prompt
+        get_settings.cache_clear()
+        real = getattr(pipeline, stage)
+
+        def after_a_cancel(*args: Any, **kwargs: Any) -> Any:
+            request_cancel(job_id)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(pipeline, stage, after_a_cancel)
+
+        pipeline.run(job_id, attempt)
+
+        assert_cancelled_with_nothing_kept(job_id, settings)
+        messages = [event.message for event in events_of(job_id)]
+        # The stage stopped at its first heartbeat: it reported nothing, and nothing came after.
+        assert not any("samples from" in m or "eval" in m for m in messages)
+        if stage == "plan":
+            assert not any("tokenized" in m for m in messages)
+            assert token_cache.entries() == []  # no half-prepared data was cached
 
     def test_a_cancel_while_the_model_is_saved_stops_before_the_upload(
         self, settings: Settings, short_job: tuple[str, int], monkeypatch: pytest.MonkeyPatch
