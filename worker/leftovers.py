@@ -16,13 +16,13 @@ from shared.db import read_session
 from shared.models import Dataset, Job
 
 # Uploads and packaging write continuously: a temporary file untouched for a day has no writer.
-TEMPORARY_MAX_AGE_S = 24 * 3600.0
+_TEMPORARY_MAX_AGE_S = 24 * 3600.0
 _QUERY_BATCH = 500
 
 
-def remove(temporary_max_age_s: float = TEMPORARY_MAX_AGE_S) -> list[str]:
+def remove() -> list[str]:
     """Delete the leftovers; returns their storage keys."""
-    keys = storage.temporary_files(older_than_s=temporary_max_age_s)
+    keys = storage.temporary_files(older_than_s=_TEMPORARY_MAX_AGE_S)
     keys += [storage.dataset_key(i) for i in _deleted_datasets(storage.stored_dataset_ids())]
     with_artifact = storage.jobs_with_an_artifact()
     with_checkpoints = storage.jobs_with_checkpoints()
@@ -36,9 +36,9 @@ def remove(temporary_max_age_s: float = TEMPORARY_MAX_AGE_S) -> list[str]:
 
 
 def _batches(ids: Iterable[str]) -> Iterator[list[str]]:
-    ids = sorted(ids)
-    for start in range(0, len(ids), _QUERY_BATCH):
-        yield ids[start : start + _QUERY_BATCH]
+    ordered = sorted(ids)
+    for start in range(0, len(ordered), _QUERY_BATCH):
+        yield ordered[start : start + _QUERY_BATCH]
 
 
 def _deleted_datasets(dataset_ids: Iterable[str]) -> list[str]:
