@@ -196,7 +196,8 @@ def mark_cancelled(session: Session, job_id: str, attempt: int) -> bool:
 
 
 def requeue(session: Session, job_id: str, attempt: int, reason: str) -> bool:
-    """Hand a running job back to the queue so that another attempt resumes it."""
+    """Hand a running job back to the queue so that another attempt resumes it; refused once a
+    cancel was requested (the job is to end cancelled, not run again)."""
     return _transition(
         session,
         job_id,
@@ -205,6 +206,7 @@ def requeue(session: Session, job_id: str, attempt: int, reason: str) -> bool:
         f"job re-queued: {reason}",
         level="warning",
         attempt=attempt,
+        unless_cancel_requested=True,
         values={"heartbeat_at": None, "enqueued_at": utcnow()},
     )
 

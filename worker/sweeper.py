@@ -33,6 +33,7 @@ class SweepReport:
     resent: list[str] = field(default_factory=list)
     requeued: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    cancelled: list[str] = field(default_factory=list)
     uncached: list[str] = field(default_factory=list)  # token cache entries removed
     removed: list[str] = field(default_factory=list)  # storage keys of leftovers
 
@@ -69,20 +70,24 @@ def _resend_unclaimed(report: SweepReport) -> None:
 
 
 def _recover_stale(report: SweepReport) -> None:
-    """Re-queue running jobs whose worker went silent, or fail them after the last attempt."""
+    """Re-queue running jobs whose worker went silent, fail them after the last attempt, or
+    end them cancelled if that was asked for."""
     settings = get_settings()
     timeout = settings.heartbeat_timeout_s
     cutoff = utcnow() - timedelta(seconds=timeout)
     with session_scope() as session:
         # A job claimed but never heartbeated counts from its start.
         stale = session.execute(
-            select(Job.id, Job.attempt).where(
+            select(Job.id, Job.attempt, Job.cancel_requested).where(
                 Job.status == jobs.RUNNING, func.coalesce(Job.heartbeat_at, Job.started_at) < cutoff
             )
         ).all()
-    for job_id, attempt in stale:
+    for job_id, attempt, cancel_requested in stale:
         with session_scope() as session:
-            if attempt >= settings.max_attempts:
+            if cancel_requested:
+                if jobs.mark_cancelled(session, job_id, attempt):
+                    report.cancelled.append(job_id)
+            elif attempt >= settings.max_attempts:
                 error = {
                     "code": "worker_lost",
                     "message": f"the worker stopped answering on attempt {attempt} of "
@@ -95,7 +100,7 @@ def _recover_stale(report: SweepReport) -> None:
                 session, job_id, attempt, f"no heartbeat from its worker for {timeout:g} s"
             ):
                 report.requeued.append(job_id)
-    for job_id in report.failed:  # after the commit: nothing will resume them now
+    for job_id in report.failed + report.cancelled:  # after the commit: nothing resumes them
         checkpoints.delete_all(job_id)
     for job_id in report.requeued:
         send_train(job_id)
@@ -124,7 +129,7 @@ def sweep(*, storage_leftovers: bool = False) -> SweepReport:
     _trim_token_cache(report)
     if storage_leftovers:
         report.removed = leftovers.remove()
-    if report.resent or report.requeued or report.failed or report.uncached or report.removed:
+    if any(vars(report).values()):
         logger.info("sweep: %s", report)
     return report
 

@@ -85,6 +85,13 @@ class TestTransitions:
         with session_scope() as session:
             assert session.get(Job, job_id).artifact_bytes is None
 
+    def test_a_job_whose_cancel_was_requested_is_not_requeued(self, job_id):
+        attempt = run(jobs.claim, job_id)
+        run(jobs.cancel, job_id)
+        assert not run(jobs.requeue, job_id, attempt, "worker stopping")
+        assert status_of(job_id) == "running"
+        assert status_events(job_id) == ["queued", "running"]
+
     def test_a_stale_attempt_cannot_finish_the_job(self, job_id):
         first = run(jobs.claim, job_id)
         run(jobs.requeue, job_id, first, "lease lost")

@@ -97,6 +97,25 @@ class TestSweep:
         with session_scope() as session:
             assert jobs.claim(session, job_id) == 2
 
+    def test_a_silent_workers_job_whose_cancel_was_requested_ends_cancelled(self, sweeper_settings):
+        job_id = new_job()
+        with session_scope() as session:
+            jobs.claim(session, job_id)
+            jobs.cancel(session, job_id)
+        checkpoint = store_checkpoint(job_id)
+        age(job_id, 61, "heartbeat_at", "started_at")
+        before = queued_messages(sweeper_settings)
+
+        report = sweep()
+
+        # Re-queued, it would load its model on the next worker only to stop there.
+        assert (report.cancelled, report.requeued) == ([job_id], [])
+        job = row(job_id)
+        assert job.status == "cancelled" and job.finished_at is not None
+        assert "job cancelled while running" in messages(job_id)
+        assert queued_messages(sweeper_settings) == before
+        assert not storage.exists(checkpoint)
+
     def test_a_claim_that_never_heartbeated_counts_from_its_start(self, sweeper_settings):
         job_id = new_job()
         with session_scope() as session:
