@@ -95,3 +95,23 @@ class TestKilledWorker:
             step_resumed_from=resumed.resumed_from_step,
             seconds_to_recover=round(recovered_s, 2),
         )
+
+    def test_a_cancel_after_kill_9_ends_the_job_cancelled_without_running_it_again(
+        self, stack: Stack
+    ) -> None:
+        first, second, job_id = stack.job_with_a_standby()
+        wait_for(lambda: stack.checkpoint_steps(job_id), timeout=60, what="a checkpoint")
+        stack.kill_group(first, signal.SIGKILL)
+        # The worker is gone: the request waits for the sweeper, which notices the silence.
+        response = stack.client.http.post(f"/jobs/{job_id}/cancel")
+        assert response.json()["cancel_requested"] is True
+        cancelled = now()
+
+        finished = stack.client.wait(job_id, timeout=60)
+        seconds = now() - cancelled
+        assert finished["status"] == "cancelled", stack.messages(job_id)
+        assert finished["attempt"] == 1  # never claimed again, so no model loaded for nothing
+        assert not any("re-queued" in m for m in stack.messages(job_id))
+        assert stack.checkpoint_steps(job_id) == []
+        assert second.poll() is None
+        figures("i.cancel_after_kill_9", seconds_to_cancelled=round(seconds, 2))
