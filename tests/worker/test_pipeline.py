@@ -480,6 +480,28 @@ class TestStopping:
         assert uploads == ["uploaded"]  # then refused success, and the tarball was deleted
         assert_cancelled_with_nothing_kept(job_id, settings)
 
+    def test_a_cancel_just_before_a_dry_run_answers_ends_it_cancelled(
+        self, settings: Settings, short_job: tuple[str, int], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        job_id, attempt = short_job
+        with session_scope() as session:
+            session.execute(update(Job).where(Job.id == job_id).values(dry_run=True))
+        real = pipeline.rendered_examples
+
+        def render_after_a_cancel(*args: Any) -> Any:
+            request_cancel(job_id)
+            return real(*args)
+
+        monkeypatch.setattr(pipeline, "rendered_examples", render_after_a_cancel)
+
+        pipeline.run(job_id, attempt)
+
+        job = load_job(job_id)
+        assert job.status == "cancelled"
+        assert "rendered_examples" not in job.plan  # the dry run's answer was refused
+        messages = [event.message for event in events_of(job_id)]
+        assert "job cancelled while running" in messages and "job succeeded" not in messages
+
     def test_a_lost_claim_stops_training_and_writes_nothing_more(
         self,
         settings: Settings,
