@@ -83,6 +83,17 @@ def request_cancel(job_id: str) -> None:
         jobs.cancel(session, job_id)
 
 
+def cancel_before(monkeypatch: pytest.MonkeyPatch, name: str, job_id: str) -> None:
+    """Request the job's cancel just before the pipeline calls its function `name`."""
+    real = getattr(pipeline, name)
+
+    def after_a_cancel(*args: Any, **kwargs: Any) -> Any:
+        request_cancel(job_id)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, name, after_a_cancel)
+
+
 def watch_uploads(
     monkeypatch: pytest.MonkeyPatch,
     *,
@@ -405,13 +416,7 @@ class TestStopping:
             session.execute(update(Job).where(Job.id == job_id).values(eval_prompts=["a", "b"]))
         monkeypatch.setenv("TUNERY_HEARTBEAT_TIMEOUT_S", "0.005")  # a beat at every batch, prompt
         get_settings.cache_clear()
-        real = getattr(pipeline, stage)
-
-        def after_a_cancel(*args: Any, **kwargs: Any) -> Any:
-            request_cancel(job_id)
-            return real(*args, **kwargs)
-
-        monkeypatch.setattr(pipeline, stage, after_a_cancel)
+        cancel_before(monkeypatch, stage, job_id)
 
         pipeline.run(job_id, attempt)
 
@@ -427,13 +432,7 @@ class TestStopping:
         self, settings: Settings, short_job: tuple[str, int], monkeypatch: pytest.MonkeyPatch
     ) -> None:
         job_id, attempt = short_job
-        real_save = pipeline._save_model
-
-        def save_after_a_cancel(*args: Any) -> None:
-            request_cancel(job_id)
-            real_save(*args)
-
-        monkeypatch.setattr(pipeline, "_save_model", save_after_a_cancel)
+        cancel_before(monkeypatch, "_save_model", job_id)
         uploads = watch_uploads(monkeypatch)
 
         pipeline.run(job_id, attempt)
@@ -486,13 +485,7 @@ class TestStopping:
         job_id, attempt = short_job
         with session_scope() as session:
             session.execute(update(Job).where(Job.id == job_id).values(dry_run=True))
-        real = pipeline.rendered_examples
-
-        def render_after_a_cancel(*args: Any) -> Any:
-            request_cancel(job_id)
-            return real(*args)
-
-        monkeypatch.setattr(pipeline, "rendered_examples", render_after_a_cancel)
+        cancel_before(monkeypatch, "rendered_examples", job_id)
 
         pipeline.run(job_id, attempt)
 
