@@ -6,11 +6,17 @@ traceback goes to the worker log.
 """
 
 import errno
+import os
+import shutil
+from pathlib import Path
 from typing import Any
 
 import torch
 
 _MAX_MESSAGE = 500
+# A write fails once less than a block is left; a megabyte allows for filesystems that count
+# space in larger units, and is still far less than any checkpoint.
+_FULL_BELOW_BYTES = 1 << 20
 
 
 class JobFailure(Exception):
@@ -58,6 +64,17 @@ def is_disk_full(exc: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+def name_a_full_disk(error: Exception, folder: Path) -> Exception:
+    """torch.save (Trainer's optimizer, scheduler and RNG files) reports a short write without
+    its errno: "unexpected pos 576 vs 534". While the partial files in `folder` still fill the
+    disk, name the cause the error lost, so that it reads as disk full."""
+    if isinstance(error, RuntimeError) and shutil.disk_usage(folder).free < _FULL_BELOW_BYTES:
+        named = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder))
+        named.__cause__ = error
+        return named
+    return error
 
 
 def classify(exc: BaseException) -> dict[str, Any]:

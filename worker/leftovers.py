@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator
 
 from sqlalchemy import select
 
-from shared import jobs, storage
+from shared import checkpoints, jobs, storage
 from shared.db import read_session
 from shared.models import Dataset, Job
 
@@ -33,6 +33,13 @@ def remove() -> list[str]:
     for key in keys:
         storage.delete(key)
     return keys
+
+
+def remove_unsucceeded(job_id: str) -> None:
+    """The files of a job that has just ended without success: its checkpoints, and a tarball
+    whose upload finished before a cancel was read."""
+    checkpoints.delete_all(job_id)
+    storage.delete(storage.artifact_key(job_id))
 
 
 def _batches(ids: Iterable[str]) -> Iterator[list[str]]:

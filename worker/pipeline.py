@@ -9,11 +9,8 @@ down hands the job back to the queue after a checkpoint. A re-claimed job resume
 complete checkpoint; the checkpoints are deleted once the job has ended.
 """
 
-import errno
 import gc
 import logging
-import os
-import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -39,11 +36,19 @@ from shared.models import Dataset, Job, JobMetric, utcnow
 from shared.queue import send_train
 from shared.schemas import Hyperparameters, JobMetricRead, JobMetrics, JobRead
 from shared.settings import get_settings
-from worker import artifacts, shutdown
+from worker import artifacts, leftovers, shutdown
 from worker.attention import causal_attention
 from worker.checkpoints import CheckpointCallback, restore_newest
 from worker.data import PreparedData
-from worker.errors import HandBack, JobCancelled, JobFailure, LeaseLost, classify, is_disk_full
+from worker.errors import (
+    HandBack,
+    JobCancelled,
+    JobFailure,
+    LeaseLost,
+    classify,
+    is_disk_full,
+    name_a_full_disk,
+)
 from worker.lease import Lease, retry_on_outage
 from worker.lora import apply_lora, save_lora
 from worker.masking import DEFAULT_CHAT_TEMPLATE
@@ -62,10 +67,6 @@ from worker.trainer import (
 )
 
 logger = logging.getLogger(__name__)
-
-# A write fails once less than a block is left; a megabyte allows for filesystems that count
-# space in larger units, and is still far less than any checkpoint.
-_FULL_BELOW_BYTES = 1 << 20
 
 
 @dataclass
@@ -103,7 +104,7 @@ def run(job_id: str, attempt: int) -> None:
     except JobCancelled:
         logger.info("job %s cancelled", job_id)
         if _record_end(job_id, lambda session: jobs.mark_cancelled(session, job_id, attempt)):
-            _delete_files(job_id)
+            leftovers.remove_unsucceeded(job_id)
     except Exception as exc:
         error = classify(exc)
         logger.exception("job %s attempt %s failed: %s", job_id, attempt, error["code"])
@@ -111,7 +112,7 @@ def run(job_id: str, attempt: int) -> None:
             job_id, lambda session: jobs.mark_failed(session, job_id, error, attempt=attempt)
         )
         if failed:
-            _delete_files(job_id)
+            leftovers.remove_unsucceeded(job_id)
     finally:
         # Free the model before the next job; the worker process lives on.
         gc.collect()
@@ -133,13 +134,6 @@ def _record_end(job_id: str, transition: Callable[[Session], bool]) -> bool:
     except Exception:
         logger.exception("job %s: could not record how it ended", job_id)
         return False
-
-
-def _delete_files(job_id: str) -> None:
-    """A job that ended without success keeps no checkpoints, nor a tarball whose upload
-    finished just before a cancel was read."""
-    checkpoints.delete_all(job_id)
-    storage.delete(storage.artifact_key(job_id))
 
 
 def _hand_back(job_id: str, attempt: int, reason: str) -> None:
@@ -309,7 +303,7 @@ def _fit(
     try:
         output = trainer.train(resume_from_checkpoint=str(restored[1]) if restored else None)
     except Exception as error:
-        error = _name_a_full_disk(error, Path(trainer.args.output_dir))
+        error = name_a_full_disk(error, Path(trainer.args.output_dir))
         if is_disk_full(error):  # while saving a checkpoint, Trainer's files or ours
             saver.report_disk_full(trainer.state.global_step)
         raise error
@@ -322,17 +316,6 @@ def _fit(
     state.metrics["train_loss"] = saver.run_train_loss(output.training_loss, trainer.state)
     state.progress = {**callback.progress(trainer.state), "fraction": 1.0, "eta_seconds": 0.0}
     _evaluate(lease, trainer, data, state, stage="final")
-
-
-def _name_a_full_disk(error: Exception, folder: Path) -> Exception:
-    """torch.save (Trainer's optimizer, scheduler and RNG files) reports a short write without
-    its errno: "unexpected pos 576 vs 534". While the partial files in `folder` still fill the
-    disk, name the cause the error lost, so the job fails as disk_full."""
-    if isinstance(error, RuntimeError) and shutil.disk_usage(folder).free < _FULL_BELOW_BYTES:
-        named = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder))
-        named.__cause__ = error
-        return named
-    return error
 
 
 def _report_plan(lease: Lease, job_plan: Plan) -> None:

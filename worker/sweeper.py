@@ -15,7 +15,7 @@ from datetime import timedelta
 
 from sqlalchemy import func, select, update
 
-from shared import checkpoints, jobs
+from shared import jobs
 from shared.db import read_session, session_scope
 from shared.models import Dataset, Job, utcnow
 from shared.queue import send_train
@@ -101,7 +101,7 @@ def _recover_stale(report: SweepReport) -> None:
             ):
                 report.requeued.append(job_id)
     for job_id in report.failed + report.cancelled:  # after the commit: nothing resumes them
-        checkpoints.delete_all(job_id)
+        leftovers.remove_unsucceeded(job_id)
     for job_id in report.requeued:
         send_train(job_id)
 
