@@ -67,19 +67,20 @@ def _transition(
     *,
     level: str = "info",
     attempt: int | None = None,
-    unless_cancel_requested: bool = False,
+    cancel_requested: bool | None = None,
     values: dict[str, Any] | None = None,
     data: dict[str, Any] | None = None,
 ) -> bool:
     """Move `job_id` from `source` to `target` if it is still in `source` (and, when given, still
-    in `attempt`, so a worker that lost its claim cannot finish someone else's run)."""
+    in `attempt`, so a worker that lost its claim cannot finish someone else's run, and its cancel
+    flag still reads `cancel_requested`, which is only ever set, never cleared)."""
     if target not in ALLOWED_TRANSITIONS[source]:
         raise InvalidTransition(f"a job cannot go from {source} to {target}")
     statement = update(Job).where(Job.id == job_id, Job.status == source)
     if attempt is not None:
         statement = statement.where(Job.attempt == attempt)
-    if unless_cancel_requested:
-        statement = statement.where(Job.cancel_requested.is_(False))
+    if cancel_requested is not None:
+        statement = statement.where(Job.cancel_requested.is_(cancel_requested))
     result = session.execute(
         statement.values(status=target, **(values or {})).execution_options(
             synchronize_session=False
@@ -157,7 +158,7 @@ def mark_succeeded(
         SUCCEEDED,
         "job succeeded",
         attempt=attempt,
-        unless_cancel_requested=True,
+        cancel_requested=False,
         values={"finished_at": utcnow(), **(values or {})},
     )
 
@@ -184,6 +185,7 @@ def mark_failed(
 
 
 def mark_cancelled(session: Session, job_id: str, attempt: int) -> bool:
+    """Only once a cancel was requested: a running job ends cancelled because someone asked."""
     return _transition(
         session,
         job_id,
@@ -191,6 +193,7 @@ def mark_cancelled(session: Session, job_id: str, attempt: int) -> bool:
         CANCELLED,
         "job cancelled while running",
         attempt=attempt,
+        cancel_requested=True,
         values={"finished_at": utcnow()},
     )
 
@@ -206,9 +209,20 @@ def requeue(session: Session, job_id: str, attempt: int, reason: str) -> bool:
         f"job re-queued: {reason}",
         level="warning",
         attempt=attempt,
-        unless_cancel_requested=True,
+        cancel_requested=False,
         values={"heartbeat_at": None, "enqueued_at": utcnow()},
     )
+
+
+def hand_back(session: Session, job_id: str, attempt: int, reason: str) -> str | None:
+    """A stopping worker's last word on its job: re-queued to resume elsewhere, or cancelled if
+    a cancel came in after the worker last looked. The status it moved to, or None when this
+    attempt no longer owns the job."""
+    if requeue(session, job_id, attempt, reason):
+        return QUEUED
+    if mark_cancelled(session, job_id, attempt):
+        return CANCELLED
+    return None
 
 
 def still_owned(session: Session, job_id: str, attempt: int) -> bool:

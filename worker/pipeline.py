@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from huggingface_hub.utils import disable_progress_bars
@@ -67,6 +67,8 @@ from worker.trainer import (
 )
 
 logger = logging.getLogger(__name__)
+
+Outcome = TypeVar("Outcome")
 
 
 @dataclass
@@ -120,12 +122,12 @@ def run(job_id: str, attempt: int) -> None:
             torch.cuda.empty_cache()
 
 
-def _record_end(job_id: str, transition: Callable[[Session], bool]) -> bool:
-    """Apply the job's final transition, through a database outage; whether it was applied
-    (False: another attempt owns the job, or the database stayed away and the sweeper will
-    re-queue it, so its checkpoints must stay)."""
+def _record_end(job_id: str, transition: Callable[[Session], Outcome]) -> Outcome | None:
+    """Apply the job's final transition, through a database outage; what it returned, or None
+    when the database stayed away (the sweeper will re-queue the job, so its checkpoints must
+    stay)."""
 
-    def apply() -> bool:
+    def apply() -> Outcome:
         with session_scope() as session:
             return transition(session)
 
@@ -133,14 +135,17 @@ def _record_end(job_id: str, transition: Callable[[Session], bool]) -> bool:
         return retry_on_outage(apply, f"recording how job {job_id} ended")
     except Exception:
         logger.exception("job %s: could not record how it ended", job_id)
-        return False
+        return None
 
 
 def _hand_back(job_id: str, attempt: int, reason: str) -> None:
     """Re-queue the job (its checkpoint is in storage) and ring the doorbell after the commit;
     if the message is lost, the sweeper rings again."""
     logger.info("job %s: handing it back: %s", job_id, reason)
-    if not _record_end(job_id, lambda session: jobs.requeue(session, job_id, attempt, reason)):
+    ended = _record_end(job_id, lambda session: jobs.hand_back(session, job_id, attempt, reason))
+    if ended == jobs.CANCELLED:  # the cancel came after the last check: nothing resumes it
+        leftovers.remove_unsucceeded(job_id)
+    if ended != jobs.QUEUED:
         return
     try:
         send_train(job_id)

@@ -92,6 +92,29 @@ class TestTransitions:
         assert status_of(job_id) == "running"
         assert status_events(job_id) == ["queued", "running"]
 
+    def test_a_running_job_is_cancelled_only_once_a_cancel_was_requested(self, job_id):
+        attempt = run(jobs.claim, job_id)
+        assert not run(jobs.mark_cancelled, job_id, attempt)
+        assert status_events(job_id) == ["queued", "running"]
+        run(jobs.cancel, job_id)
+        assert run(jobs.mark_cancelled, job_id, attempt)
+
+    def test_a_hand_back_requeues_or_cancels_as_asked(self, job_id):
+        attempt = run(jobs.claim, job_id)
+        assert run(jobs.hand_back, job_id, attempt, "worker stopping") == "queued"
+        attempt = run(jobs.claim, job_id)
+        run(jobs.cancel, job_id)
+        assert run(jobs.hand_back, job_id, attempt, "worker stopping") == "cancelled"
+        assert status_events(job_id) == ["queued", "running", "queued", "running", "cancelled"]
+
+    def test_a_hand_back_by_a_stale_attempt_changes_nothing(self, job_id):
+        first = run(jobs.claim, job_id)
+        run(jobs.requeue, job_id, first, "lease lost")
+        run(jobs.claim, job_id)
+        run(jobs.cancel, job_id)
+        assert run(jobs.hand_back, job_id, first, "worker stopping") is None
+        assert status_of(job_id) == "running"
+
     def test_a_stale_attempt_cannot_finish_the_job(self, job_id):
         first = run(jobs.claim, job_id)
         run(jobs.requeue, job_id, first, "lease lost")

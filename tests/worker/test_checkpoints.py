@@ -14,7 +14,12 @@ from shared.db import session_scope
 from shared.settings import Settings, get_settings
 from tests.worker.conftest import MakeDataset, MakeJob
 from tests.worker.helpers import events_of, learnable_text, load_job
-from tests.worker.test_pipeline import AtStep, hook_trainer
+from tests.worker.test_pipeline import (
+    AtStep,
+    assert_cancelled_with_nothing_kept,
+    cancel_before,
+    hook_trainer,
+)
 from worker import pipeline, shutdown
 
 RUN = {"max_steps": 40, "block_size": 32, "batch_size": 4, "learning_rate": 3e-3, "seed": 11}
@@ -135,6 +140,18 @@ class TestHandBackAndResume:
         messages = [e.message for e in events_of(job_id)]
         assert any("checkpoint skipped, it is damaged: step 12" in m for m in messages), messages
         assert not Path(partial).exists()
+
+    def test_a_cancel_after_the_last_check_ends_the_handed_back_job_cancelled(
+        self, settings: Settings, make_dataset: MakeDataset, make_job: MakeJob, monkeypatch
+    ) -> None:
+        job_id, attempt = make_job(make_dataset(learnable_text()), **RUN)
+        hand_back_at(monkeypatch, 15)
+        cancel_before(monkeypatch, "_hand_back", job_id)
+        pipeline.run(job_id, attempt)
+
+        assert_cancelled_with_nothing_kept(job_id, settings)
+        assert load_job(job_id).attempt == attempt
+        assert not any("re-queued" in event.message for event in events_of(job_id))
 
 
 class TestCancel:

@@ -246,6 +246,7 @@ def ended(job_id: str, status: str) -> str:
         elif status == "failed":
             assert jobs.mark_failed(session, job_id, {"code": "x", "message": "x"}, attempt=attempt)
         elif status == "cancelled":
+            jobs.cancel(session, job_id)
             assert jobs.mark_cancelled(session, job_id, attempt)
     return job_id
 
