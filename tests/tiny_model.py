@@ -4,9 +4,11 @@ The tokenizer is a byte-level BPE trained on a few sentences (any text still enc
 byte), and the model is randomly initialised from a fixed seed, so every build is the same.
 """
 
+import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
@@ -78,4 +80,12 @@ def build_tiny_model(
         model = GPT2LMHeadModel(config)
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
+    return target
+
+
+def with_pickle_weights(model: Path, target: Path) -> Path:
+    """A copy of `model` whose weights are a pickle (`pytorch_model.bin`), as older repositories
+    ship them, instead of safetensors."""
+    shutil.copytree(model, target, ignore=shutil.ignore_patterns("*.safetensors"))
+    torch.save(load_file(model / "model.safetensors"), target / "pytorch_model.bin")
     return target

@@ -208,7 +208,10 @@ def _train(lease: Lease, workdir: Path) -> None:
     lease.event(f"loading base model {job.base_model}")
     with lease.keep_alive():  # a Hub download can take minutes
         base = load_base_model(
-            job.base_model, get_settings(), block_size=inputs.hyperparameters.block_size
+            job.base_model,
+            get_settings(),
+            block_size=inputs.hyperparameters.block_size,
+            keep_going=lambda: _check(lease),
         )
     parameters = sum(p.numel() for p in base.model.parameters())
     lease.event(

@@ -1,6 +1,6 @@
 """The sweeper: the database is the truth, so it repairs what the queue and dead workers lose,
 clears from this worker's token cache what deleted datasets left behind, and, once an hour,
-removes the files in storage that dead processes left.
+removes the files in storage and in the Hub cache that dead processes left.
 
 It runs in every `tunery worker` (and so in `tunery up`). Several sweepers at once are fine:
 each action is a conditional update that only one of them wins, or a deletion that may be
@@ -20,7 +20,7 @@ from shared.db import read_session, session_scope
 from shared.models import Dataset, Job, utcnow
 from shared.queue import send_train
 from shared.settings import get_settings
-from worker import leftovers, token_cache
+from worker import hub, leftovers, token_cache
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ class SweepReport:
     cancelled: list[str] = field(default_factory=list)
     uncached: list[str] = field(default_factory=list)  # token cache entries removed
     removed: list[str] = field(default_factory=list)  # storage keys of leftovers
+    abandoned_downloads: list[str] = field(default_factory=list)  # in the Hub cache
 
 
 def _resend_unclaimed(report: SweepReport) -> None:
@@ -129,6 +130,7 @@ def sweep(*, storage_leftovers: bool = False) -> SweepReport:
     _trim_token_cache(report)
     if storage_leftovers:
         report.removed = leftovers.remove()
+        report.abandoned_downloads = hub.remove_abandoned_downloads()
     if any(vars(report).values()):
         logger.info("sweep: %s", report)
     return report

@@ -35,6 +35,7 @@ from transformers.loss.loss_utils import LOSS_MAPPING
 from shared.models import JobMetric
 from shared.schemas import Hyperparameters
 from shared.settings import Settings
+from worker import hub
 from worker.errors import JobFailure
 from worker.lease import Lease
 
@@ -100,7 +101,9 @@ def check_local_weights(folder: Path, name: str) -> None:
             user_error=True,
         )
     raise JobFailure(
-        "base_model_invalid", f"base model {name!r} has no model weights", user_error=True
+        "base_model_invalid",
+        f"base model {name!r} has no safetensors weights; Tunery loads safetensors only",
+        user_error=True,
     )
 
 
@@ -109,14 +112,22 @@ def _max_positions(config: Any) -> int | None:
     return value if isinstance(value, int) and value > 0 else None
 
 
-def load_base_model(name: str, settings: Settings, *, block_size: int) -> BaseModel:
-    """Load tokenizer and model in fp32 (mixed precision happens in Trainer) with SDPA."""
+def _no_stop() -> None:
+    return None
+
+
+def load_base_model(
+    name: str, settings: Settings, *, block_size: int, keep_going: Callable[[], None] = _no_stop
+) -> BaseModel:
+    """Load tokenizer and model in fp32 (mixed precision happens in Trainer) with SDPA. A Hub
+    model is fetched into the Hub cache first; `keep_going` is called during the download and
+    stops it by raising."""
     source, is_local = resolve_base_model(name, settings)
-    if is_local:
-        check_local_weights(Path(source), name)
     safe = {"trust_remote_code": False}
     try:
-        config = AutoConfig.from_pretrained(source, **safe)
+        folder = Path(source) if is_local else hub.fetch(source, keep_going=keep_going)
+        check_local_weights(folder, name)
+        config = AutoConfig.from_pretrained(folder, **safe)
         max_positions = _max_positions(config)
         # Checked before the weights load: a wrong block size should fail in seconds.
         if max_positions is not None and block_size > max_positions:
@@ -126,17 +137,16 @@ def load_base_model(name: str, settings: Settings, *, block_size: int) -> BaseMo
                 f"{name!r}; use block_size <= {max_positions}",
                 user_error=True,
             )
-        tokenizer = AutoTokenizer.from_pretrained(source, **safe)
+        tokenizer = AutoTokenizer.from_pretrained(folder, **safe)
         model = AutoModelForCausalLM.from_pretrained(
-            source,
+            folder,
             config=config,
             dtype=torch.float32,
             attn_implementation="sdpa",
             use_safetensors=True,
             **safe,
         )
-    except OSError as exc:
-        # The Hub path: unreachable, unknown id, gated, or no safetensors in the repository.
+    except OSError as exc:  # the Hub: unreachable, unknown id, gated; or unreadable files
         where = "its folder" if is_local else "the Hugging Face Hub or the local cache"
         raise JobFailure(
             "base_model_unavailable",

@@ -181,6 +181,7 @@ def stack(
         folder, megabytes = tmp_path / small.args[0], small.args[1]
         mount_small_filesystem(folder, megabytes)
         request.addfinalizer(lambda: subprocess.run(["umount", "-l", str(folder)], check=False))
+    extra = request.node.get_closest_marker("tunery_settings")
     environment = tunery_environment(
         home=str(home),
         database_url=postgres_url,
@@ -188,6 +189,7 @@ def stack(
         models_dir=str(chaos_models),
         storage_url=f"file://{tmp_path / 'storage'}",
         **FAST_RECOVERY,
+        **(extra.kwargs if extra is not None else {}),
     )
     token = make_key(environment)
     with running_api(environment, tmp_path / "api.log") as base_url:

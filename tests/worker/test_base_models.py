@@ -1,18 +1,16 @@
 """Which base models a job may load, and how refusing one reads."""
 
-import shutil
 from pathlib import Path
 from typing import Any
 
-import huggingface_hub.constants
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from shared.schemas import Hyperparameters
 from shared.settings import Settings, get_settings
 from tests.conftest import TINY_MODEL
+from tests.tiny_model import with_pickle_weights
 from tests.worker.conftest import MakeDataset, MakeJob
 from tests.worker.helpers import learnable_text, load_job
 from worker import pipeline
@@ -33,9 +31,7 @@ def test_a_pickle_only_model_is_refused_before_anything_is_unpickled(
     tmp_path: Path,
 ) -> None:
     tiny = settings.resolved_models_dir / TINY_MODEL
-    pickled = tmp_path / "models" / "pickled-gpt2"
-    shutil.copytree(tiny, pickled, ignore=shutil.ignore_patterns("*.safetensors"))
-    torch.save(load_file(tiny / "model.safetensors"), pickled / "pytorch_model.bin")
+    with_pickle_weights(tiny, tmp_path / "models" / "pickled-gpt2")
     use_models_dir(monkeypatch, tmp_path / "models")
 
     def no_unpickling(*args: Any, **kwargs: Any) -> None:
@@ -62,9 +58,9 @@ def test_a_hub_model_that_cannot_be_fetched_fails_with_a_clear_message(
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
 ) -> None:
-    # Offline, so the test does not wait out network retries; the code takes the real Hub path.
+    # Offline, so the test does not wait out network retries; the code takes the real Hub path
+    # (the download process reads the variable).
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("TUNERY_ALLOWED_BASE_MODELS", "tunery-test/not-cached-gpt2")
     get_settings.cache_clear()
     job_id, attempt = make_job(

@@ -6,7 +6,6 @@ torch calls, which a `TorchFunctionMode` sees on any device: here they are count
 a real job on the CPU.
 """
 
-import json
 import traceback
 from collections import defaultdict
 from typing import Any
@@ -18,8 +17,8 @@ from transformers import TrainerCallback
 
 from shared.settings import Settings
 from tests.worker.conftest import MakeDataset, MakeJob
-from tests.worker.helpers import learnable_text, load_job
-from tests.worker.test_pipeline import hook_trainer
+from tests.worker.helpers import load_job
+from tests.worker.test_pipeline import hook_trainer, small_dataset
 from worker import pipeline
 from worker.trainer import logging_steps
 
@@ -96,12 +95,7 @@ def test_training_reads_device_values_only_at_logging_steps(
 ) -> None:
     reads = HostReads()
     hook_trainer(monkeypatch, reads)
-    if shape == "text":
-        dataset_id = make_dataset(learnable_text(80))
-    else:
-        rows = [{"prompt": f"the {i}", "completion": f" red {i}."} for i in range(40)]
-        lines = "".join(json.dumps(row) + "\n" for row in rows)
-        dataset_id = make_dataset(lines, format="jsonl", shape=shape)
+    dataset_id = small_dataset(make_dataset, shape)
     job_id, attempt = make_job(dataset_id, block_size=32, batch_size=2, max_steps=MAX_STEPS)
 
     pipeline.run(job_id, attempt)

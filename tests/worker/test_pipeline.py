@@ -133,6 +133,15 @@ def assert_cancelled_with_nothing_kept(job_id: str, settings: Settings) -> None:
     assert not any((settings.home / "work").iterdir())
 
 
+def small_dataset(make_dataset: MakeDataset, shape: str) -> str:
+    """Plain text, or prompt/completion pairs that pack several to a block (masked)."""
+    if shape == "text":
+        return make_dataset(learnable_text(80))
+    rows = [{"prompt": f"the {i}", "completion": f" red {i}."} for i in range(40)]
+    lines = "".join(json.dumps(row) + "\n" for row in rows)
+    return make_dataset(lines, format="jsonl", shape=shape)
+
+
 def hook_trainer(monkeypatch: pytest.MonkeyPatch, callback: TrainerCallback) -> None:
     """Add `callback` to the Trainer the pipeline builds, after its own JobCallback."""
     real = pipeline.build_trainer
@@ -276,12 +285,7 @@ class TestFullRun:
                 seen["eval"].append(kwargs["model"].config._attn_implementation)
 
         hook_trainer(monkeypatch, Watch())
-        if shape == "text":
-            dataset_id = make_dataset(learnable_text(80))
-        else:
-            rows = [{"prompt": f"the {i}", "completion": f" red {i}."} for i in range(40)]
-            lines = "".join(json.dumps(row) + "\n" for row in rows)
-            dataset_id = make_dataset(lines, format="jsonl", shape=shape)
+        dataset_id = small_dataset(make_dataset, shape)
         job_id, attempt = make_job(dataset_id, validation_split=0.2, block_size=32, max_steps=2)
 
         pipeline.run(job_id, attempt)

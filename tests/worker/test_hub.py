@@ -1,0 +1,173 @@
+"""Base models from the Hugging Face Hub: fetched by a child process with the real
+huggingface_hub client, from a stand-in Hub (no internet here), and stopped mid-download by a
+cancel or a shutdown."""
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import huggingface_hub.constants
+import psutil
+import pytest
+
+from shared import jobs
+from shared.db import session_scope
+from shared.settings import Settings, get_settings
+from tests.conftest import TINY_MODEL
+from tests.fake_hub import FakeHub
+from tests.tiny_model import with_pickle_weights
+from tests.worker.conftest import MakeDataset, MakeJob
+from tests.worker.helpers import events_of, learnable_text, load_job
+from worker import pipeline, shutdown, sweeper
+
+REPO = "tunery-test/tiny-gpt2"
+WEIGHTS = "model.safetensors"
+ON_THE_HUB = {"base_model": REPO, "block_size": 32, "max_steps": 2}
+
+
+@pytest.fixture
+def hub_cache(settings: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """An empty Hub cache, and the stand-in's repository on the allowed list."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "huggingface"))
+    # The child reads the environment; the sweeper, in this process, read it at import.
+    monkeypatch.setattr(
+        huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "huggingface" / "hub")
+    )
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("TUNERY_ALLOWED_BASE_MODELS", REPO)
+    get_settings.cache_clear()
+    return tmp_path / "huggingface" / "hub"
+
+
+@pytest.fixture(autouse=True)
+def no_shutdown() -> Iterator[None]:
+    shutdown.clear()
+    yield
+    shutdown.clear()
+
+
+def run_a_job(
+    hub: FakeHub, monkeypatch: pytest.MonkeyPatch, make_dataset: MakeDataset, make_job: MakeJob
+) -> str:
+    """A job on the stand-in's repository, run to its end while the stand-in serves; its id."""
+    with hub.running():
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        job_id, attempt = make_job(make_dataset(learnable_text(40)), **ON_THE_HUB)
+        pipeline.run(job_id, attempt)
+    return job_id
+
+
+def downloads(hub: FakeHub) -> list[str]:
+    return sorted(line.rsplit("/", 1)[1] for line in hub.served if line.startswith("GET /tunery"))
+
+
+def run_in_thread(job_id: str, attempt: int) -> threading.Thread:
+    thread = threading.Thread(target=pipeline.run, args=(job_id, attempt), daemon=True)
+    thread.start()
+    return thread
+
+
+def no_child_processes() -> bool:
+    return not psutil.Process().children(recursive=True)
+
+
+def test_a_hub_model_is_fetched_once_and_then_trains_from_the_cache(
+    settings: Settings,
+    hub_cache: Path,
+    make_dataset: MakeDataset,
+    make_job: MakeJob,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    hub = FakeHub({REPO: settings.resolved_models_dir / TINY_MODEL})
+    job_id = run_a_job(hub, monkeypatch, make_dataset, make_job)
+
+    job = load_job(job_id)
+    assert job.status == "succeeded", job.error
+    assert downloads(hub) == sorted(p.name for p in hub.files(REPO))
+    assert f"base model {REPO} loaded" in " ".join(e.message for e in events_of(job_id))
+
+    # The stand-in is gone and the worker offline: the cached files are enough.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    job_id, attempt = make_job(make_dataset(learnable_text(40)), **ON_THE_HUB)
+    pipeline.run(job_id, attempt)
+    assert load_job(job_id).status == "succeeded", load_job(job_id).error
+
+
+def test_an_unknown_repository_fails_with_the_hubs_answer(
+    settings: Settings,
+    hub_cache: Path,
+    make_dataset: MakeDataset,
+    make_job: MakeJob,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    job_id = run_a_job(FakeHub({}), monkeypatch, make_dataset, make_job)
+
+    job = load_job(job_id)
+    assert job.status == "failed"
+    assert job.error["code"] == "base_model_unavailable" and job.error["user_error"] is False
+    message = job.error["message"]
+    assert REPO in message and "Hugging Face Hub" in message and "404" in message, message
+    assert "\n" not in message and "Traceback" not in message
+
+
+def test_pickle_weights_on_the_hub_are_never_downloaded(
+    settings: Settings,
+    hub_cache: Path,
+    make_dataset: MakeDataset,
+    make_job: MakeJob,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    pickled = with_pickle_weights(settings.resolved_models_dir / TINY_MODEL, tmp_path / "pickled")
+    hub = FakeHub({REPO: pickled})
+    job_id = run_a_job(hub, monkeypatch, make_dataset, make_job)
+
+    job = load_job(job_id)
+    assert job.status == "failed"
+    assert job.error["code"] == "base_model_invalid" and job.error["user_error"] is True
+    assert "safetensors" in job.error["message"]
+    assert "pytorch_model.bin" not in downloads(hub) and "config.json" in downloads(hub)
+
+
+@pytest.mark.parametrize("stop", ["cancel", "shutdown"])
+def test_a_download_stops_at_once_for_a_cancel_or_a_shutdown(
+    settings: Settings,
+    hub_cache: Path,
+    make_dataset: MakeDataset,
+    make_job: MakeJob,
+    monkeypatch: pytest.MonkeyPatch,
+    stop: str,
+) -> None:
+    hub = FakeHub({REPO: settings.resolved_models_dir / TINY_MODEL}, hold=WEIGHTS)
+    with hub.running():
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        job_id, attempt = make_job(make_dataset(learnable_text(40)), **ON_THE_HUB)
+        thread = run_in_thread(job_id, attempt)
+        assert hub.held.wait(30), hub.served  # the weights are half-way down, and stay so
+        asked = time.monotonic()
+        if stop == "cancel":
+            with session_scope() as session:
+                jobs.cancel(session, job_id)
+        else:
+            shutdown.request()
+        thread.join(30)
+        stopped_after_s = time.monotonic() - asked
+        assert not thread.is_alive(), "the download did not stop"
+        assert hub.dropped.wait(5)  # the downloader's connection was closed: it was killed
+
+    # The parent reads the cancel flag and the shutdown flag every 0.5 s.
+    assert stopped_after_s < 3, stopped_after_s
+    assert no_child_processes()
+    job = load_job(job_id)
+    assert job.status == ("cancelled" if stop == "cancel" else "queued"), job.error
+    assert not any("loaded" in event.message for event in events_of(job_id))
+
+    # The killed download's partial file stays until the sweeper finds it a day old.
+    [partial] = hub_cache.glob("*/blobs/*.incomplete")
+    assert sweeper.sweep(storage_leftovers=True).abandoned_downloads == []
+    day_ago = time.time() - 25 * 3600
+    os.utime(partial, (day_ago, day_ago))
+    removed = sweeper.sweep(storage_leftovers=True).abandoned_downloads
+    assert removed == [str(partial.relative_to(hub_cache))] and not partial.exists()

@@ -1,0 +1,92 @@
+"""Base models from the Hugging Face Hub, fetched in a child process.
+
+A download of many GB takes minutes, and Python cannot stop a thread that is blocked in it. A
+child process can be killed: a cancel, a lost claim or a worker shutdown stops the download at
+once, not after it. The files it finished stay in the Hub cache for the next job; the partial
+file of the one it was writing is removed by the sweeper once it is a day old.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import huggingface_hub.constants
+
+# What `from_pretrained` reads for a causal LM and its tokenizer, at the top of the repository:
+# configs, safetensors weights and their index, vocabularies and templates. Never pickles.
+_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+_SUBFOLDERS = ["*/*"]
+_WAIT_S = 0.5  # how often the parent asks whether to stop
+# A download writes continuously: a partial file untouched for a day has no writer.
+_ABANDONED_AFTER_S = 24 * 3600.0
+
+
+class HubUnavailable(OSError):
+    """The Hub could not give the files, nor could its cache (as transformers raises it)."""
+
+
+def fetch(repo_id: str, *, keep_going: Callable[[], None]) -> Path:
+    """The local folder of `repo_id`'s files, from the Hub or the Hub cache. `keep_going` is
+    called while the child works and stops the download by raising."""
+    environment = os.environ | {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    command = [sys.executable, "-m", "worker.hub", repo_id]
+    # In a session of its own: a Ctrl-C meant for the worker must not end the download as a
+    # failure before the worker has decided to hand the job back.
+    with subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=environment,
+        text=True,
+        start_new_session=True,
+    ) as child:
+        try:
+            while True:
+                try:
+                    answer, _ = child.communicate(timeout=_WAIT_S)
+                    break
+                except subprocess.TimeoutExpired:
+                    keep_going()
+        except BaseException:
+            child.kill()
+            raise
+    lines = answer.strip().splitlines()
+    if not lines:  # killed from outside (out of memory) before it could answer
+        raise HubUnavailable(f"the download process exited with status {child.returncode}")
+    outcome = json.loads(lines[-1])
+    if "error" in outcome:
+        raise HubUnavailable(outcome["error"])
+    return Path(outcome["folder"])
+
+
+def remove_abandoned_downloads() -> list[str]:
+    """Delete the partial files that killed downloads left in the Hub cache (huggingface_hub
+    removes its own on an error, not on a kill); returns their paths within the cache."""
+    cache = Path(huggingface_hub.constants.HF_HUB_CACHE)
+    now, removed = time.time(), []
+    for partial in cache.glob("*/blobs/*.incomplete"):
+        try:
+            if now - partial.stat().st_mtime > _ABANDONED_AFTER_S:
+                partial.unlink()
+                removed.append(str(partial.relative_to(cache)))
+        except FileNotFoundError:
+            continue  # its download finished or failed meanwhile
+    return removed
+
+
+def _download(repo_id: str) -> dict[str, str]:
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(repo_id, allow_patterns=_FILES, ignore_patterns=_SUBFOLDERS)
+    except Exception as exc:  # unreachable, unknown id, gated
+        return {"error": str(exc) or type(exc).__name__}
+    return {"folder": folder}
+
+
+if __name__ == "__main__":
+    print(json.dumps(_download(sys.argv[1])))
