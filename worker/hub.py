@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import huggingface_hub.constants
+from huggingface_hub import snapshot_download
 
 # What `from_pretrained` reads for a causal LM and its tokenizer, at the top of the repository:
 # configs, safetensors weights and their index, vocabularies and templates. Never pickles.
@@ -26,7 +27,8 @@ _ABANDONED_AFTER_S = 24 * 3600.0
 
 
 class HubUnavailable(OSError):
-    """The Hub could not give the files, nor could its cache (as transformers raises it)."""
+    """Neither the Hub nor its cache could give the files: an OSError, as transformers raises
+    for a model it cannot load."""
 
 
 def fetch(repo_id: str, *, keep_going: Callable[[], None]) -> Path:
@@ -79,8 +81,6 @@ def remove_abandoned_downloads() -> list[str]:
 
 
 def _download(repo_id: str) -> dict[str, str]:
-    from huggingface_hub import snapshot_download
-
     try:
         folder = snapshot_download(repo_id, allow_patterns=_FILES, ignore_patterns=_SUBFOLDERS)
     except Exception as exc:  # unreachable, unknown id, gated

@@ -140,7 +140,8 @@ def _record_end(job_id: str, transition: Callable[[Session], Outcome]) -> Outcom
 
 def _hand_back(job_id: str, attempt: int, reason: str) -> None:
     """Re-queue the job (its checkpoint is in storage) and ring the doorbell after the commit;
-    if the message is lost, the sweeper rings again."""
+    if the message is lost, the sweeper rings again. A cancel that came after the last check
+    ends the job cancelled instead."""
     logger.info("job %s: handing it back: %s", job_id, reason)
     ended = _record_end(job_id, lambda session: jobs.hand_back(session, job_id, attempt, reason))
     if ended == jobs.CANCELLED:  # the cancel came after the last check: nothing resumes it
