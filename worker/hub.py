@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -88,5 +89,14 @@ def _download(repo_id: str) -> dict[str, str]:
     return {"folder": folder}
 
 
+def _exit_when_orphaned(parent: int) -> None:
+    """The child has a session of its own, so a worker killed with SIGKILL does not take it
+    along: it stops once it is handed to another parent, not after many GB."""
+    while os.getppid() == parent:
+        time.sleep(_WAIT_S)
+    os._exit(1)
+
+
 if __name__ == "__main__":
+    threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
     print(json.dumps(_download(sys.argv[1])))

@@ -3,6 +3,8 @@ huggingface_hub client, from a stand-in Hub (no internet here), and stopped mid-
 cancel or a shutdown."""
 
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +19,7 @@ from shared.db import session_scope
 from shared.settings import Settings, get_settings
 from tests.conftest import TINY_MODEL
 from tests.fake_hub import FakeHub
+from tests.processes import wait_for
 from tests.tiny_model import with_pickle_weights
 from tests.worker.conftest import MakeDataset, MakeJob
 from tests.worker.helpers import events_of, learnable_text, load_job
@@ -171,3 +174,24 @@ def test_a_download_stops_at_once_for_a_cancel_or_a_shutdown(
     os.utime(partial, (day_ago, day_ago))
     removed = sweeper.sweep(storage_leftovers=True).abandoned_downloads
     assert removed == [str(partial.relative_to(hub_cache))] and not partial.exists()
+
+
+def test_a_download_ends_soon_after_its_worker_is_killed(
+    settings: Settings, hub_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub = FakeHub({REPO: settings.resolved_models_dir / TINY_MODEL}, hold=WEIGHTS)
+    fetching = f"from worker import hub; hub.fetch({REPO!r}, keep_going=lambda: None)"
+    with hub.running():
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        worker = subprocess.Popen([sys.executable, "-c", fetching])
+        assert hub.held.wait(30), hub.served
+        [download] = psutil.Process(worker.pid).children()
+
+        worker.kill()  # SIGKILL: no cleanup of any kind in the worker
+        worker.wait()
+
+        def ended() -> bool:
+            return not download.is_running() or download.status() == psutil.STATUS_ZOMBIE
+
+        wait_for(ended, timeout=5, what="the orphaned download to end")
+        assert hub.dropped.wait(5)
