@@ -18,10 +18,11 @@ from pathlib import Path
 import huggingface_hub.constants
 from huggingface_hub import snapshot_download
 
-# What `from_pretrained` reads for a causal LM and its tokenizer, at the top of the repository:
-# configs, safetensors weights and their index, vocabularies and templates. Never pickles.
-_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+# What `from_pretrained` reads for a causal LM and its tokenizer at the top of the repository:
+# configs (and the weights' index), vocabularies and templates; then the weights it names.
+_DESCRIPTIONS = ["*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
 _SUBFOLDERS = ["*/*"]
+_WEIGHTS, _WEIGHTS_INDEX = "model.safetensors", "model.safetensors.index.json"
 _WAIT_S = 0.5  # how often the parent asks whether to stop
 # A download writes continuously: a partial file untouched for a day has no writer.
 _ABANDONED_AFTER_S = 24 * 3600.0
@@ -82,11 +83,30 @@ def remove_abandoned_downloads() -> list[str]:
 
 
 def _download(repo_id: str) -> dict[str, str]:
+    """The descriptions first, then only the safetensors weights transformers loads (from the
+    same commit): a repository may also hold them in another layout (Mistral's `consolidated`)
+    or as pickles, which are never fetched."""
     try:
-        folder = snapshot_download(repo_id, allow_patterns=_FILES, ignore_patterns=_SUBFOLDERS)
+        folder = Path(
+            snapshot_download(repo_id, allow_patterns=_DESCRIPTIONS, ignore_patterns=_SUBFOLDERS)
+        )
+        snapshot_download(
+            repo_id,
+            revision=folder.name,  # the snapshot folder is named after its commit
+            allow_patterns=_weights(folder),
+            ignore_patterns=_SUBFOLDERS,
+        )
     except Exception as exc:  # unreachable, unknown id, gated
         return {"error": str(exc) or type(exc).__name__}
-    return {"folder": folder}
+    return {"folder": str(folder)}
+
+
+def _weights(folder: Path) -> list[str]:
+    """The files of the index's weight map, or the single file."""
+    index = folder / _WEIGHTS_INDEX
+    if not index.is_file():
+        return [_WEIGHTS]
+    return sorted(set(json.loads(index.read_text())["weight_map"].values()))
 
 
 def _exit_when_orphaned(parent: int) -> None:

@@ -3,6 +3,7 @@ huggingface_hub client, from a stand-in Hub (no internet here), and stopped mid-
 cancel or a shutdown."""
 
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -13,6 +14,7 @@ from pathlib import Path
 import huggingface_hub.constants
 import psutil
 import pytest
+from transformers import AutoModelForCausalLM
 
 from shared import jobs
 from shared.db import session_scope
@@ -96,6 +98,32 @@ def test_a_hub_model_is_fetched_once_and_then_trains_from_the_cache(
     job_id, attempt = make_job(make_dataset(learnable_text(40)), **ON_THE_HUB)
     pipeline.run(job_id, attempt)
     assert load_job(job_id).status == "succeeded", load_job(job_id).error
+
+
+def test_only_the_weights_transformers_loads_are_downloaded(
+    settings: Settings,
+    hub_cache: Path,
+    make_dataset: MakeDataset,
+    make_job: MakeJob,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    tiny = settings.resolved_models_dir / TINY_MODEL
+    sharded = tmp_path / "sharded"
+    shutil.copytree(tiny, sharded, ignore=shutil.ignore_patterns("*.safetensors"))
+    AutoModelForCausalLM.from_pretrained(tiny).save_pretrained(sharded, max_shard_size="300KB")
+    # The same weights in another layout, as Mistral's repositories hold them beside the shards.
+    shutil.copy(tiny / WEIGHTS, sharded / "consolidated.safetensors")
+    hub = FakeHub({REPO: sharded})
+
+    job_id = run_a_job(hub, monkeypatch, make_dataset, make_job)
+
+    assert load_job(job_id).status == "succeeded", load_job(job_id).error
+    shards = sorted(p.name for p in sharded.glob("model-*.safetensors"))
+    assert len(shards) >= 2
+    fetched = downloads(hub)
+    assert set(shards) < set(fetched) and "model.safetensors.index.json" in fetched
+    assert "consolidated.safetensors" not in fetched
 
 
 def test_an_unknown_repository_fails_with_the_hubs_answer(
