@@ -27,6 +27,7 @@ _CHUNK = 64 * 1024
 class FakeHub:
     repos: dict[str, Path]
     hold: str | None = None  # a file name whose download stops after its first chunk
+    token: str | None = None  # a gated repository: every request must carry this token
     url: str = ""
     served: list[str] = field(default_factory=list)  # "GET /path" per request
     held: threading.Event = field(default_factory=threading.Event)  # the hold was reached
@@ -75,6 +76,9 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
         def _route(self, *, body: bool) -> None:
             path = self.path.split("?", 1)[0]
             hub.served.append(f"{self.command} {path}")
+            if hub.token and self.headers.get("Authorization") != f"Bearer {hub.token}":
+                self._json(401, {"error": "Access to this model is restricted"}, "GatedRepo")
+                return
             for pattern, answer in (
                 (_REPO_INFO, self._repo_info),
                 (_TREE, self._tree),

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import huggingface_hub.constants
 from huggingface_hub import snapshot_download
+from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
 # What `from_pretrained` reads for a causal LM and its tokenizer at the top of the repository:
 # configs (and the weights' index), vocabularies and templates; then the weights it names.
@@ -97,8 +98,21 @@ def _download(repo_id: str) -> dict[str, str]:
             ignore_patterns=_SUBFOLDERS,
         )
     except Exception as exc:  # unreachable, unknown id, gated
-        return {"error": str(exc) or type(exc).__name__}
+        return {"error": _explain(exc)}
     return {"folder": str(folder)}
+
+
+def _explain(exc: Exception) -> str:
+    """One line an operator can act on; huggingface_hub's own begins with the HTTP status and
+    says the rest on later lines."""
+    status = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    if isinstance(exc, GatedRepoError):  # a kind of RepositoryNotFoundError: asked first
+        return f"the repository is gated: the worker needs an HF_TOKEN with access ({status})"
+    if isinstance(exc, RepositoryNotFoundError):
+        return f"the Hub has no such repository, or it is private ({status})"
+    if isinstance(exc, LocalEntryNotFoundError):
+        return "the Hub cannot be reached (or HF_HUB_OFFLINE is set), and the model is not cached"
+    return status or type(exc).__name__
 
 
 def _weights(folder: Path) -> list[str]:

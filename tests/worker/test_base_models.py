@@ -75,6 +75,7 @@ def test_a_hub_model_that_cannot_be_fetched_fails_with_a_clear_message(
     assert job.error["user_error"] is False
     message = job.error["message"]
     assert "tunery-test/not-cached-gpt2" in message and "Hugging Face Hub" in message
+    assert "not cached" in message
     assert "Traceback" not in message and "\n" not in message
 
 

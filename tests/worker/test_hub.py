@@ -139,8 +139,27 @@ def test_an_unknown_repository_fails_with_the_hubs_answer(
     assert job.status == "failed"
     assert job.error["code"] == "base_model_unavailable" and job.error["user_error"] is False
     message = job.error["message"]
-    assert REPO in message and "Hugging Face Hub" in message and "404" in message, message
+    assert REPO in message and "Hugging Face Hub" in message, message
+    assert "no such repository" in message and "404" in message, message
     assert "\n" not in message and "Traceback" not in message
+
+
+def test_a_gated_repository_is_fetched_with_the_workers_token(
+    settings: Settings,
+    hub_cache: Path,
+    make_dataset: MakeDataset,
+    make_job: MakeJob,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    hub = FakeHub({REPO: settings.resolved_models_dir / TINY_MODEL}, token="hf_tunery_test")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    refused = load_job(run_a_job(hub, monkeypatch, make_dataset, make_job))
+    assert refused.status == "failed" and refused.error["code"] == "base_model_unavailable"
+    assert "gated" in refused.error["message"] and "HF_TOKEN" in refused.error["message"]
+
+    monkeypatch.setenv("HF_TOKEN", "hf_tunery_test")
+    job = load_job(run_a_job(hub, monkeypatch, make_dataset, make_job))
+    assert job.status == "succeeded", job.error
 
 
 def test_pickle_weights_on_the_hub_are_never_downloaded(
