@@ -17,6 +17,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 _REPO_INFO = re.compile(r"^/api/models/(?P<repo>.+)/revision/(?P<revision>[^/]+)$")
 _TREE = re.compile(r"^/api/models/(?P<repo>.+)/tree/(?P<revision>[^/]+)(?P<folder>/.*)?$")
 _RESOLVE = re.compile(r"^/(?P<repo>.+)/resolve/(?P<revision>[^/]+)/(?P<file>.+)$")
@@ -31,15 +33,15 @@ class FakeHub:
     url: str = ""
     served: list[str] = field(default_factory=list)  # "GET /path" per request
     held: threading.Event = field(default_factory=threading.Event)  # the hold was reached
-    release: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)  # lets the hold go
     dropped: threading.Event = field(default_factory=threading.Event)  # the client went away
-
-    def commit(self, repo: str) -> str:
-        files = sorted(p.name for p in self.repos[repo].iterdir() if p.is_file())
-        return hashlib.sha1(json.dumps([repo, files]).encode()).hexdigest()
 
     def files(self, repo: str) -> list[Path]:
         return sorted(p for p in self.repos[repo].iterdir() if p.is_file())
+
+    def commit(self, repo: str) -> str:
+        names = [p.name for p in self.files(repo)]
+        return hashlib.sha1(json.dumps([repo, names]).encode()).hexdigest()
 
     @contextmanager
     def running(self) -> Iterator["FakeHub"]:
@@ -155,3 +157,13 @@ def _peer_closed(handler: BaseHTTPRequestHandler) -> bool:
     to read."""
     readable, _, _ = select.select([handler.connection], [], [], 0)
     return bool(readable) and handler.connection.recv(1, socket.MSG_PEEK) == b""
+
+
+def download_processes() -> list[psutil.Process]:
+    """The living `python -m worker.hub` processes (the worker's downloads) on this machine."""
+    found = []
+    for process in psutil.process_iter(["cmdline", "status"]):
+        alive = process.info["status"] != psutil.STATUS_ZOMBIE
+        if alive and "worker.hub" in (process.info["cmdline"] or []):
+            found.append(process)
+    return found

@@ -5,11 +5,10 @@ import signal
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 
 from tests.chaos.conftest import TINY, Stack, figures, now
-from tests.fake_hub import FakeHub
+from tests.fake_hub import FakeHub, download_processes
 from tests.processes import wait_for
 
 REPO = "tunery-test/tiny-gpt2"
@@ -28,21 +27,13 @@ def hub(chaos_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
         yield stand_in
 
 
-def downloaders() -> list[psutil.Process]:
-    found = []
-    for process in psutil.process_iter(["cmdline"]):
-        if "worker.hub" in (process.info["cmdline"] or []):
-            found.append(process)
-    return found
-
-
 def downloading(stack: Stack, hub: FakeHub) -> str:
     """A job whose worker is half-way through its base model's weights."""
     worker = stack.start_worker("first")
     stack.wait_ready("first", worker)
     job_id = stack.create_job(base_model=REPO)
     assert hub.held.wait(60), stack.log("first").read_text()[-3000:]
-    assert len(downloaders()) == 1
+    assert len(download_processes()) == 1
     return job_id
 
 
@@ -55,7 +46,7 @@ def test_a_cancel_stops_the_download_at_once(hub: FakeHub, stack: Stack) -> None
     stopped_s = now() - asked
 
     assert finished["status"] == "cancelled"
-    assert hub.dropped.wait(5) and not downloaders()
+    assert hub.dropped.wait(5) and not download_processes()
     assert stopped_s < 3, stopped_s
     figures("hub.cancel", seconds_to_stop=round(stopped_s, 2))
 
@@ -75,5 +66,5 @@ def test_a_stopping_worker_hands_the_job_back_without_finishing_the_download(
     assert stack.row(job_id).status == "queued", stack.messages(job_id)
     assert "worker is shutting down" in stack.messages(job_id)[-1]
     assert hub.dropped.wait(5)
-    wait_for(lambda: not downloaders(), timeout=5, what="the download process to end")
+    wait_for(lambda: not download_processes(), timeout=5, what="the download process to end")
     figures("hub.sigterm", seconds_to_stop=round(stopped_s, 2))

@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import huggingface_hub.constants
-import psutil
 import pytest
 from transformers import AutoModelForCausalLM
 
@@ -20,7 +19,7 @@ from shared import jobs
 from shared.db import session_scope
 from shared.settings import Settings, get_settings
 from tests.conftest import TINY_MODEL
-from tests.fake_hub import FakeHub
+from tests.fake_hub import FakeHub, download_processes
 from tests.processes import wait_for
 from tests.tiny_model import with_pickle_weights
 from tests.worker.conftest import MakeDataset, MakeJob
@@ -72,10 +71,6 @@ def run_in_thread(job_id: str, attempt: int) -> threading.Thread:
     thread = threading.Thread(target=pipeline.run, args=(job_id, attempt), daemon=True)
     thread.start()
     return thread
-
-
-def no_child_processes() -> bool:
-    return not psutil.Process().children(recursive=True)
 
 
 def test_a_hub_model_is_fetched_once_and_then_trains_from_the_cache(
@@ -209,7 +204,7 @@ def test_a_download_stops_at_once_for_a_cancel_or_a_shutdown(
 
     # The parent reads the cancel flag and the shutdown flag every 0.5 s.
     assert stopped_after_s < 3, stopped_after_s
-    assert no_child_processes()
+    assert download_processes() == []
     job = load_job(job_id)
     assert job.status == ("cancelled" if stop == "cancel" else "queued"), job.error
     assert not any("loaded" in event.message for event in events_of(job_id))
@@ -232,13 +227,10 @@ def test_a_download_ends_soon_after_its_worker_is_killed(
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
         worker = subprocess.Popen([sys.executable, "-c", fetching])
         assert hub.held.wait(30), hub.served
-        [download] = psutil.Process(worker.pid).children()
+        assert len(download_processes()) == 1
 
         worker.kill()  # SIGKILL: no cleanup of any kind in the worker
         worker.wait()
 
-        def ended() -> bool:
-            return not download.is_running() or download.status() == psutil.STATUS_ZOMBIE
-
-        wait_for(ended, timeout=5, what="the orphaned download to end")
+        wait_for(lambda: download_processes() == [], timeout=5, what="the orphan to end")
         assert hub.dropped.wait(5)
