@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -29,6 +29,8 @@ from worker import pipeline, shutdown, sweeper
 REPO = "tunery-test/tiny-gpt2"
 WEIGHTS = "model.safetensors"
 ON_THE_HUB = {"base_model": REPO, "block_size": 32, "max_steps": 2}
+NewJob = Callable[[], tuple[str, int]]
+RunAJob = Callable[[FakeHub], str]
 
 
 @pytest.fixture
@@ -52,15 +54,24 @@ def no_shutdown() -> Iterator[None]:
     shutdown.clear()
 
 
-def run_a_job(
-    hub: FakeHub, monkeypatch: pytest.MonkeyPatch, make_dataset: MakeDataset, make_job: MakeJob
-) -> str:
-    """A job on the stand-in's repository, run to its end while the stand-in serves; its id."""
-    with hub.running():
-        monkeypatch.setenv("HF_ENDPOINT", hub.url)
-        job_id, attempt = make_job(make_dataset(learnable_text(40)), **ON_THE_HUB)
-        pipeline.run(job_id, attempt)
-    return job_id
+@pytest.fixture
+def new_job(hub_cache: Path, make_dataset: MakeDataset, make_job: MakeJob) -> NewJob:
+    """Makes a claimed job whose base model is the stand-in's repository."""
+    return lambda: make_job(make_dataset(learnable_text(40)), **ON_THE_HUB)
+
+
+@pytest.fixture
+def run_a_job(new_job: NewJob, monkeypatch: pytest.MonkeyPatch) -> RunAJob:
+    """Runs a new job to its end while `hub` serves; returns its id."""
+
+    def run(hub: FakeHub) -> str:
+        with hub.running():
+            monkeypatch.setenv("HF_ENDPOINT", hub.url)
+            job_id, attempt = new_job()
+            pipeline.run(job_id, attempt)
+        return job_id
+
+    return run
 
 
 def downloads(hub: FakeHub) -> list[str]:
@@ -75,13 +86,12 @@ def run_in_thread(job_id: str, attempt: int) -> threading.Thread:
 
 def test_a_hub_model_is_fetched_once_and_then_trains_from_the_cache(
     settings: Settings,
-    hub_cache: Path,
-    make_dataset: MakeDataset,
-    make_job: MakeJob,
+    new_job: NewJob,
+    run_a_job: RunAJob,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     hub = FakeHub({REPO: settings.resolved_models_dir / TINY_MODEL})
-    job_id = run_a_job(hub, monkeypatch, make_dataset, make_job)
+    job_id = run_a_job(hub)
 
     job = load_job(job_id)
     assert job.status == "succeeded", job.error
@@ -90,18 +100,13 @@ def test_a_hub_model_is_fetched_once_and_then_trains_from_the_cache(
 
     # The stand-in is gone and the worker offline: the cached files are enough.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    job_id, attempt = make_job(make_dataset(learnable_text(40)), **ON_THE_HUB)
+    job_id, attempt = new_job()
     pipeline.run(job_id, attempt)
     assert load_job(job_id).status == "succeeded", load_job(job_id).error
 
 
 def test_only_the_weights_transformers_loads_are_downloaded(
-    settings: Settings,
-    hub_cache: Path,
-    make_dataset: MakeDataset,
-    make_job: MakeJob,
-    monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
+    settings: Settings, run_a_job: RunAJob, tmp_path: Path
 ) -> None:
     tiny = settings.resolved_models_dir / TINY_MODEL
     sharded = tmp_path / "sharded"
@@ -111,7 +116,7 @@ def test_only_the_weights_transformers_loads_are_downloaded(
     shutil.copy(tiny / WEIGHTS, sharded / "consolidated.safetensors")
     hub = FakeHub({REPO: sharded})
 
-    job_id = run_a_job(hub, monkeypatch, make_dataset, make_job)
+    job_id = run_a_job(hub)
 
     assert load_job(job_id).status == "succeeded", load_job(job_id).error
     shards = sorted(p.name for p in sharded.glob("model-*.safetensors"))
@@ -122,13 +127,9 @@ def test_only_the_weights_transformers_loads_are_downloaded(
 
 
 def test_an_unknown_repository_fails_with_the_hubs_answer(
-    settings: Settings,
-    hub_cache: Path,
-    make_dataset: MakeDataset,
-    make_job: MakeJob,
-    monkeypatch: pytest.MonkeyPatch,
+    run_a_job: RunAJob,
 ) -> None:
-    job_id = run_a_job(FakeHub({}), monkeypatch, make_dataset, make_job)
+    job_id = run_a_job(FakeHub({}))
 
     job = load_job(job_id)
     assert job.status == "failed"
@@ -140,34 +141,25 @@ def test_an_unknown_repository_fails_with_the_hubs_answer(
 
 
 def test_a_gated_repository_is_fetched_with_the_workers_token(
-    settings: Settings,
-    hub_cache: Path,
-    make_dataset: MakeDataset,
-    make_job: MakeJob,
-    monkeypatch: pytest.MonkeyPatch,
+    settings: Settings, run_a_job: RunAJob, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     hub = FakeHub({REPO: settings.resolved_models_dir / TINY_MODEL}, token="hf_tunery_test")
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    refused = load_job(run_a_job(hub, monkeypatch, make_dataset, make_job))
+    refused = load_job(run_a_job(hub))
     assert refused.status == "failed" and refused.error["code"] == "base_model_unavailable"
     assert "gated" in refused.error["message"] and "HF_TOKEN" in refused.error["message"]
 
     monkeypatch.setenv("HF_TOKEN", "hf_tunery_test")
-    job = load_job(run_a_job(hub, monkeypatch, make_dataset, make_job))
+    job = load_job(run_a_job(hub))
     assert job.status == "succeeded", job.error
 
 
 def test_pickle_weights_on_the_hub_are_never_downloaded(
-    settings: Settings,
-    hub_cache: Path,
-    make_dataset: MakeDataset,
-    make_job: MakeJob,
-    monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
+    settings: Settings, run_a_job: RunAJob, tmp_path: Path
 ) -> None:
     pickled = with_pickle_weights(settings.resolved_models_dir / TINY_MODEL, tmp_path / "pickled")
     hub = FakeHub({REPO: pickled})
-    job_id = run_a_job(hub, monkeypatch, make_dataset, make_job)
+    job_id = run_a_job(hub)
 
     job = load_job(job_id)
     assert job.status == "failed"
@@ -180,15 +172,14 @@ def test_pickle_weights_on_the_hub_are_never_downloaded(
 def test_a_download_stops_at_once_for_a_cancel_or_a_shutdown(
     settings: Settings,
     hub_cache: Path,
-    make_dataset: MakeDataset,
-    make_job: MakeJob,
+    new_job: NewJob,
     monkeypatch: pytest.MonkeyPatch,
     stop: str,
 ) -> None:
     hub = FakeHub({REPO: settings.resolved_models_dir / TINY_MODEL}, hold=WEIGHTS)
     with hub.running():
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
-        job_id, attempt = make_job(make_dataset(learnable_text(40)), **ON_THE_HUB)
+        job_id, attempt = new_job()
         thread = run_in_thread(job_id, attempt)
         assert hub.held.wait(30), hub.served  # the weights are half-way down, and stay so
         asked = time.monotonic()
