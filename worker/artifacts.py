@@ -127,7 +127,7 @@ def _how_to_load(facts: CardFacts) -> list[str]:
             "from transformers import AutoModelForCausalLM, AutoTokenizer",
             "",
             f'base = AutoModelForCausalLM.from_pretrained("{facts.base_model}")',
-            f'tokenizer = AutoTokenizer.from_pretrained("{facts.base_model}")',
+            'tokenizer = AutoTokenizer.from_pretrained("adapter")',
             'model = PeftModel.from_pretrained(base, "adapter")',
             "```",
         ]

@@ -94,8 +94,9 @@ def save_lora(
     merge: bool,
     base_model_name: str | None = None,
 ) -> PreTrainedModel | PeftModel:
-    """Write `adapter/` (adapter_config.json, adapter_model.safetensors) and, with `merge`, a
-    merged `model/` (safetensors weights, config, generation config, tokenizer).
+    """Write `adapter/` (adapter_config.json, adapter_model.safetensors, the tokenizer) and,
+    with `merge`, a merged `model/` (safetensors weights, config, generation config, tokenizer).
+    The adapter carries the tokenizer because its chat template may be the one the job set.
 
     Merging folds the adapter into the base weights in place, so with `merge` the returned
     merged model replaces `model`, which must not be used afterwards. `base_model_name` is
@@ -114,6 +115,7 @@ def save_lora(
         config.base_model_name_or_path = loaded_from
     # PEFT adds a generic model card; the package has its own README.md.
     (adapter_dir / "README.md").unlink(missing_ok=True)
+    tokenizer.save_pretrained(adapter_dir)
     if not merge:
         return model
     merged = model.merge_and_unload()

@@ -18,6 +18,7 @@ from tests.chat_model import build_chat_model
 from tests.conftest import TINY_MODEL, _drop_postgres_database, _fresh_postgres_database
 from tests.e2e.client import TuneryClient
 from tests.processes import make_key, running_api, running_worker, tunery_environment
+from worker.masking import DEFAULT_CHAT_TEMPLATE
 
 FIXED = " the answer is always the same sentence."
 
@@ -142,6 +143,36 @@ class TestChat:
                 or archive.extractfile("model/chat_template.jinja").read().decode()
             )
         assert "<|im_start|>" in template
+
+    def test_an_unmerged_chat_adapter_ships_the_template_it_was_trained_with(
+        self, client, models_dir, tmp_path
+    ):
+        """The tiny base has no template, so the job trains with the default one; the adapter
+        alone must carry it, and the model card loads the tokenizer from there."""
+        from peft import PeftModel
+        from transformers import AutoTokenizer
+
+        dataset = client.upload(jsonl(conversations(20)), filename="chat-lora.jsonl")
+        job = client.create_job(
+            base_model=TINY_MODEL,
+            dataset_id=dataset["id"],
+            validation_split=0.1,
+            method="lora",
+            lora={"r": 4},
+            hyperparameters={"epochs": 1, "block_size": 128, "batch_size": 4},
+        )
+        finished = client.wait(job["id"], timeout=300)
+        assert finished["status"] == "succeeded", client.events(job["id"])
+        with artifact(client, job["id"]) as archive:
+            archive.extractall(tmp_path, filter="data")
+        assert not (tmp_path / "model").exists()
+        assert 'AutoTokenizer.from_pretrained("adapter")' in (tmp_path / "README.md").read_text()
+        tokenizer = AutoTokenizer.from_pretrained(tmp_path / "adapter")
+        assert tokenizer.chat_template == DEFAULT_CHAT_TEMPLATE
+        rendered = tokenizer.apply_chat_template(conversations(1)[0]["messages"], tokenize=False)
+        assert "It is blue." in rendered
+        base = AutoModelForCausalLM.from_pretrained(models_dir / TINY_MODEL)
+        PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
 
 
 class TestLora:

@@ -20,7 +20,7 @@ from tests.conftest import TINY_MODEL
 from worker.collate import PackedCollator, PackedDataset
 from worker.errors import JobFailure
 from worker.lora import apply_lora, default_target_modules, load_lora, save_lora
-from worker.masking import tokenize_examples
+from worker.masking import DEFAULT_CHAT_TEMPLATE, tokenize_examples
 from worker.packing import pack_examples
 
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": None, "merge": False}
@@ -110,8 +110,9 @@ def test_merged_model_equals_base_plus_adapter(models_dir: Path, tmp_path: Path)
     expected = peft_model(input_ids=TOKENS).logits
     save_lora(peft_model, tmp_path, tokenizer, merge=True, base_model_name=TINY_MODEL)
 
-    adapter_files = sorted(p.name for p in (tmp_path / "adapter").iterdir())
-    assert adapter_files == ["adapter_config.json", "adapter_model.safetensors"]
+    adapter_files = {p.name for p in (tmp_path / "adapter").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= adapter_files
+    assert not any(name.endswith((".bin", ".pt")) for name in adapter_files)
     adapter_config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == TINY_MODEL
     assert adapter_config["peft_type"] == "LORA"
@@ -133,11 +134,17 @@ def test_merged_model_equals_base_plus_adapter(models_dir: Path, tmp_path: Path)
     AutoTokenizer.from_pretrained(tmp_path / "model")  # the merged model ships its tokenizer
 
 
-def test_without_merge_only_the_adapter_is_written(models_dir: Path, tmp_path: Path) -> None:
+def test_without_merge_only_the_adapter_is_written_with_the_tokenizer_it_was_trained_with(
+    models_dir: Path, tmp_path: Path
+) -> None:
     tokenizer = AutoTokenizer.from_pretrained(models_dir / TINY_MODEL)
+    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE  # as a chat job sets it on a plain base
     peft_model = apply_lora(base(models_dir), LORA)
     assert save_lora(peft_model, tmp_path, tokenizer, merge=False) is peft_model
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    shipped = AutoTokenizer.from_pretrained(tmp_path / "adapter")
+    assert shipped.chat_template == DEFAULT_CHAT_TEMPLATE
+    assert shipped("some text").input_ids == tokenizer("some text").input_ids
 
 
 def _train(models_dir: Path, out: Path, **resume: str) -> dict[str, torch.Tensor]:
