@@ -172,13 +172,13 @@ class JobPlan(BaseModel):
     the same counts for every training job."""
 
     examples: int = Field(description="Examples read, training and held out.")
-    train_examples: int
+    train_examples: int = Field(description="Examples trained on.")
     eval_examples: int = Field(description="Held-out examples (the validation set).")
     tokens: int = Field(description="Tokens in the packed rows, training and held out.")
-    train_tokens: int
+    train_tokens: int = Field(description="Tokens in the training rows.")
     trainable_tokens: int = Field(description="Training tokens the loss covers, after masking.")
     blocks: int = Field(description="Training rows of at most `block_size` tokens.")
-    eval_blocks: int
+    eval_blocks: int = Field(description="Held-out rows the evaluations run on.")
     truncated: int = Field(description="Examples longer than `block_size`, cut to it.")
     dropped: int = Field(description="Examples longer than `block_size`, left out.")
     untrained: int = Field(description="Examples with no token to train on, left out.")
@@ -192,9 +192,11 @@ class JobPlan(BaseModel):
         description="Estimated peak memory of training on the worker's device (not measured)."
     )
     cache_hit: bool = Field(description="The tokenized data came from the cache.")
-    device: Literal["cuda", "cpu"]
+    device: Literal["cuda", "cpu"] = Field(description="What the worker trains on.")
     name: str | None = Field(None, description="The GPU's name, on CUDA.")
-    precision: Literal["bf16", "fp32"]
+    precision: Literal["bf16", "fp32"] = Field(
+        description="`bf16` mixed precision where the device supports it, else `fp32`."
+    )
     rendered_examples: list[str] | None = Field(
         None,
         description="Dry runs: the first three examples as text, trained spans marked «…».",
