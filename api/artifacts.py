@@ -43,6 +43,13 @@ def download_artifact(
     job: JobDep, range_header: Annotated[str | None, Header(alias="Range")] = None
 ) -> FileResponse:
     """Download the trained model as a tar.gz (supports `Range`)."""
+    if job.dry_run:
+        raise APIError(
+            409,
+            "no_artifact",
+            "the job is a dry run: it trained nothing, so it has no artifact",
+            param="id",
+        )
     if job.status != SUCCEEDED or not job.artifact_sha256:
         raise APIError(
             409,

@@ -76,9 +76,11 @@ class _HashingWriter:
 
 
 def _normalise(info: tarfile.TarInfo) -> tarfile.TarInfo:
-    # The worker's user and group say nothing to whoever unpacks the model.
+    # The worker's user, group and modes say nothing to whoever unpacks the model (some files
+    # are written private, as temporary files are).
     info.uid = info.gid = 0
     info.uname = info.gname = ""
+    info.mode = 0o755 if info.isdir() else 0o644
     return info
 
 

@@ -231,6 +231,10 @@ class TestDryRun:
         }
         dry = client.create_job(**body, dry_run=True)
         assert dry["status"] == "succeeded" and dry["artifact"] is None
+        no_artifact = client.http.get(f"/jobs/{dry['id']}/artifact")
+        assert no_artifact.status_code == 409
+        assert no_artifact.json()["error"]["code"] == "no_artifact"
+        assert "dry run" in no_artifact.json()["error"]["message"]
         plan = dry["plan"]
         assert plan["examples"] == 31 and plan["dropped"] == 1 and plan["truncated"] == 0
         assert len(plan["rendered_examples"]) == 3

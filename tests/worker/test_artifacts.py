@@ -36,6 +36,7 @@ def make_package(folder: Path) -> Path:
 def test_the_tarball_streams_to_storage_with_its_size_and_hash(tmp_path: Path) -> None:
     package = make_package(tmp_path / "package")
     artifacts.write_manifest(package)
+    (package / "model" / "model.safetensors").chmod(0o600)  # as a temporary file is written
     chunks: list[int] = []
 
     size, sha256 = artifacts.upload_tarball(
@@ -55,6 +56,7 @@ def test_the_tarball_streams_to_storage_with_its_size_and_hash(tmp_path: Path) -
             "model/model.safetensors",
         }
         assert all(member.uid == 0 and member.uname == "" for member in members.values())
+        assert {member.mode for member in members.values()} == {0o644}
         manifest = archive.extractfile("MANIFEST.sha256").read().decode()
     expected = hashlib.sha256((package / "model" / "model.safetensors").read_bytes()).hexdigest()
     assert f"{expected}  model/model.safetensors\n" in manifest
