@@ -112,7 +112,9 @@ async def _validation_error(_request: Request, error: RequestValidationError) ->
     if first.get("type") == "extra_forbidden":
         message = "unknown field"
     elif first.get("type") == "json_invalid":
-        message = "the body is not valid JSON"
+        # Its location is a character offset, not a field the caller could name.
+        where = f" (at character {param})" if param else ""
+        message, param = f"the body is not valid JSON{where}", None
     problems = [
         {"param": _param_from_location(tuple(e.get("loc", ()))), "message": e.get("msg")}
         for e in error.errors()

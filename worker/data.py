@@ -239,11 +239,12 @@ def prepare_data(
         train = pack_examples(examples[False], block_size, truncation, pack=pack)
         held_out = pack_examples(examples[True], block_size, truncation, pack=pack)
     if len(train) == 0:
+        split = validation_dataset is None and validation_split > 0
         raise JobFailure(
             "dataset_too_small",
-            f"the training data has {train.stats.tokens + train.stats.discarded_tokens} tokens "
-            f"after the validation split, fewer than one block of block_size {block_size}; add "
-            "data or lower block_size",
+            f"the training data has {train.stats.tokens + train.stats.discarded_tokens} tokens"
+            f"{' after the validation split' if split else ''}, fewer than one block of "
+            f"block_size {block_size}; add data or lower block_size",
             user_error=True,
         )
     if keys is not None and cached is None:

@@ -27,6 +27,16 @@ class TestErrorShape:
         )
         assert_shape(response, 422, "invalid_request_error")
 
+    def test_broken_json_says_where_and_names_no_param(self, client, auth_headers):
+        response = client.post(
+            "/jobs",
+            headers={**auth_headers, "Content-Type": "application/json"},
+            content=b'{"base_model": ',
+        )
+        error = assert_shape(response, 422, "invalid_request_error")
+        assert error["message"] == "the body is not valid JSON (at character 15)"
+        assert error["param"] is None  # an offset is not a field the caller could name
+
     def test_validation_error_names_the_param(self, client, auth_headers):
         error = assert_shape(
             client.get("/jobs?limit=abc", headers=auth_headers), 422, "invalid_request_error"

@@ -195,6 +195,10 @@ class TestPacking:
         with pytest.raises(JobFailure) as caught:
             prepare_data(tokenizer, dataset, None, 0.0, block_size=64, seed=0)
         assert caught.value.code == "dataset_too_small" and caught.value.user_error
+        assert "validation split" not in caught.value.message  # none was taken
+        with pytest.raises(JobFailure) as split:
+            prepare_data(tokenizer, dataset, None, 0.5, block_size=64, seed=0)
+        assert "after the validation split" in split.value.message
         assert gc.isenabled()  # preparing pauses the cyclic collector; a failure restarts it
 
 
