@@ -7,6 +7,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_
 from sqlalchemy import text
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.deps import PrincipalDep
 from api.errors import documented, error_response
 from shared.db import get_engine
 from shared.queue import broker_reachable
@@ -41,8 +42,8 @@ def readyz() -> dict[str, str] | Response:
 
 
 @router.get("/metrics", include_in_schema=False)
-def metrics() -> Response:
-    """Prometheus text format."""
+def metrics(_: PrincipalDep) -> Response:
+    """Prometheus text format; any API key may read it."""
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -39,6 +39,9 @@ def create_app() -> FastAPI:
         description="Fine-tune causal language models: upload a dataset, create a job, "
         "download the model.",
         lifespan=lifespan,
+        # The contract opens only /docs and /openapi.json; the bearer key needs no OAuth page.
+        redoc_url=None,
+        swagger_ui_oauth2_redirect_url=None,
     )
     install_error_handlers(app)
     app.add_middleware(health.RequestMetrics)

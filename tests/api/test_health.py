@@ -76,9 +76,18 @@ class TestReadyz:
 class TestMetrics:
     def test_prometheus_text_counts_requests_by_route(self, client, auth_headers):
         client.get("/jobs/job_x", headers=auth_headers)
-        text = client.get("/metrics").text
+        text = client.get("/metrics", headers=auth_headers).text
         assert "# TYPE tunery_http_requests_total counter" in text
         assert 'route="/jobs/{job_id}"' in text and 'status="404"' in text
+
+    def test_metrics_need_a_key_like_every_route_but_health_and_docs(self, client):
+        response = client.get("/metrics")
+        assert response.status_code == 401
+        assert response.json()["error"]["type"] == "authentication_error"
+        assert client.get("/docs").status_code == 200
+        assert client.get("/openapi.json").status_code == 200
+        for undocumented in ("/redoc", "/docs/oauth2-redirect"):
+            assert client.get(undocumented).status_code == 404
 
 
 class TestJobReadsAfterAServerRestart:
