@@ -113,8 +113,7 @@ async def _validation_error(_request: Request, error: RequestValidationError) ->
         message = "unknown field"
     elif first.get("type") == "json_invalid":
         # Its location is a character offset, not a field the caller could name.
-        where = f" (at character {param})" if param else ""
-        message, param = f"the body is not valid JSON{where}", None
+        message, param = f"the body is not valid JSON (at character {param})", None
     problems = [
         {"param": _param_from_location(tuple(e.get("loc", ()))), "message": e.get("msg")}
         for e in error.errors()

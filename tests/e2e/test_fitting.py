@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from shared.db import engine_for
 from shared.migrate import upgrade
@@ -150,7 +150,6 @@ class TestChat:
         """The tiny base has no template, so the job trains with the default one; the adapter
         alone must carry it, and the model card loads the tokenizer from there."""
         from peft import PeftModel
-        from transformers import AutoTokenizer
 
         dataset = client.upload(jsonl(conversations(20)), filename="chat-lora.jsonl")
         job = client.create_job(
