@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import Depends, Path, Request
+from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
@@ -101,27 +101,21 @@ def owned_dataset(session: Session, principal: Principal, dataset_id: str) -> Da
     return dataset if dataset.project_id == principal.project_id else None
 
 
-def get_dataset(
-    session: SessionDep, principal: PrincipalDep, dataset_id: Annotated[str, Path(max_length=64)]
-) -> Dataset:
+def get_dataset(session: SessionDep, principal: PrincipalDep, dataset_id: str) -> Dataset:
     dataset = owned_dataset(session, principal, dataset_id)
     if dataset is None:
         raise not_found("dataset", dataset_id)
     return dataset
 
 
-def get_job(
-    session: SessionDep, principal: PrincipalDep, job_id: Annotated[str, Path(max_length=64)]
-) -> Job:
+def get_job(session: SessionDep, principal: PrincipalDep, job_id: str) -> Job:
     job = session.get(Job, job_id)
     if job is None or job.project_id != principal.project_id:
         raise not_found("job", job_id)
     return job
 
 
-async def read_job(
-    request: Request, principal: PrincipalDep, job_id: Annotated[str, Path(max_length=64)]
-) -> Any:
+async def read_job(request: Request, principal: PrincipalDep, job_id: str) -> Any:
     """The job as it is now, for a route that only shows it (`api/job_reads.py`): a row with
     a `Job`'s attribute names, not a `Job`."""
     job = await request.app.state.job_reader.get(job_id)

@@ -58,7 +58,9 @@ class APIError(Exception):
 
 
 def not_found(kind: str, object_id: str) -> APIError:
-    return APIError(404, "not_found", f"no {kind} with id {object_id!r}", param="id")
+    # Any string is an id that may not exist; one far longer than ours is only shown in part.
+    shown = object_id if len(object_id) <= 64 else f"{object_id[:64]}..."
+    return APIError(404, "not_found", f"no {kind} with id {shown!r}", param="id")
 
 
 def error_response(

@@ -17,6 +17,8 @@ ROUTES = [
     ("POST", "/jobs/{job_id}/cancel"),
     ("GET", "/jobs/{job_id}/events"),
     ("GET", "/jobs/{job_id}/metrics"),
+    ("GET", "/jobs/{job_id}/checkpoints"),
+    ("GET", "/jobs/{job_id}/artifact"),
 ]
 OWNED_ROUTES = [(method, path) for method, path in ROUTES if "{" in path]
 
@@ -76,9 +78,25 @@ class TestIsolation:
         assert foreign.json()["error"]["code"] == missing.json()["error"]["code"] == "not_found"
         assert foreign.json()["error"]["type"] == "not_found_error"
 
+    @pytest.mark.parametrize(("method", "path"), OWNED_ROUTES)
+    def test_an_id_longer_than_any_issued_answers_404_like_a_missing_one(
+        self, client, auth_headers, method, path
+    ):
+        too_long = {"dataset_id": "ds_" + "7" * 2000, "job_id": "job_" + "7" * 2000}
+        response = call(client, method, path.format(**too_long), auth_headers)
+        assert response.status_code == 404, response.text
+        error = response.json()["error"]
+        assert (error["type"], error["code"], error["param"]) == (
+            "not_found_error",
+            "not_found",
+            "id",
+        )
+        assert len(error["message"]) < 120  # names the id without echoing all of it
+
     def test_the_owner_still_sees_them(self, client, resources, auth_headers):
         for method, path in OWNED_ROUTES:
             if method == "GET":
-                assert (
-                    call(client, method, path.format(**resources), auth_headers).status_code == 200
-                )
+                response = call(client, method, path.format(**resources), auth_headers)
+                # A queued job has no artifact yet: 409, not the 404 a stranger gets.
+                expected = 409 if path.endswith("/artifact") else 200
+                assert response.status_code == expected, (path, response.text)
