@@ -1,6 +1,7 @@
 """The `tunery` command: `up` for the embedded service, and the production pieces."""
 
 import argparse
+import logging
 import os
 import signal
 import socket
@@ -8,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from typing import NoReturn
 
 from sqlalchemy import func, inspect, select
 
@@ -63,12 +65,15 @@ def _api(args: argparse.Namespace) -> int:
     return 0
 
 
-def _worker(args: argparse.Namespace) -> int:
-    from shared.queue import celery_app
+def _worker(args: argparse.Namespace) -> NoReturn:
+    from celery.bin.celery import celery
 
     migrate_if_empty()
-    celery_app().worker_main(
+    # Celery's own entry points drop the worker's exit code; without `standalone_mode` its
+    # command returns it: 1 after an unrecoverable error, which a supervisor must see.
+    exit_code = celery.main(
         [
+            "--app=worker.app",
             "worker",
             "--loglevel=INFO",
             "--concurrency=1",  # one training at a time per GPU
@@ -77,9 +82,17 @@ def _worker(args: argparse.Namespace) -> int:
             # Neither needs a broadcast channel, which the local queue does not have.
             "--without-mingle",
             "--without-gossip",
-        ]
+        ],
+        standalone_mode=False,
     )
-    return 0
+    # Celery has stopped its pool and closed the broker connection. The interpreter's own
+    # teardown, with torch and transformers loaded, would take seconds more and do nothing a
+    # restart needs.
+    get_engine().dispose()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code or 0)
 
 
 def _stop(children: Sequence[subprocess.Popen[bytes]]) -> None:

@@ -1,5 +1,6 @@
 """The `tunery` command: keys, migrate, and `tunery up` started and stopped like a person would."""
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import psutil
 from sqlalchemy import inspect
 
 from shared.db import engine_for
-from tests.processes import free_port, tunery_environment, wait_for
+from tests.processes import free_port, start, stop, tunery_environment, wait_for
 
 
 def tunery(*args: str, environment: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -50,6 +51,32 @@ class TestMigrate:
         finally:
             engine_for(url).dispose()
             _drop_postgres_database(name)
+
+
+class TestWorker:
+    def start_ready(self, home: Path, tmp_path: Path) -> tuple[subprocess.Popen[bytes], Path]:
+        log = tmp_path / "worker.log"
+        worker = start(["worker"], tunery_environment(home=str(home)), log)
+        wait_for(lambda: " ready." in log.read_text(), timeout=90, what="the worker")
+        return worker, log
+
+    def test_a_worker_that_dies_of_an_error_exits_non_zero(self, home, tmp_path):
+        # A supervisor restarts on failure only if the exit code says so.
+        worker, log = self.start_ready(home, tmp_path)
+        try:
+            messages = home / "queue" / "messages"
+            shutil.rmtree(messages)
+            messages.write_text("the local queue's folder, replaced by a file")
+            exit_code = worker.wait(timeout=60)
+        finally:
+            stop(worker)
+        assert "Unrecoverable error" in log.read_text()
+        assert exit_code != 0
+
+    def test_a_stopped_worker_exits_zero_with_its_log_written_out(self, home, tmp_path):
+        worker, log = self.start_ready(home, tmp_path)
+        assert stop(worker) == 0
+        assert "Warm shutdown" in log.read_text()  # printed while stopping, not lost at exit
 
 
 class TestUp:
