@@ -23,13 +23,16 @@ def claim_through_the_queue(environment: dict[str, str], tmp_path: Path) -> None
         )
         assert job["status"] == "queued"
         # The message is sent before any worker exists: the queue must hold it.
-        with running_worker(environment, tmp_path / "worker.log"):
+        worker_log = tmp_path / "worker.log"
+        with running_worker(environment, worker_log) as worker:
             claimed = client.wait(
                 job["id"], statuses=frozenset({"running", "succeeded", "failed", "cancelled"})
             )
             assert claimed["attempt"] == 1, claimed
             assert claimed["started_at"] is not None
             finished = client.wait(job["id"])
+        assert worker.returncode == 0  # stopped, not failed
+        assert "Warm shutdown" in worker_log.read_text()  # its log written out before it exits
         messages = [event["message"] for event in client.events(job["id"])]
         assert "job claimed by a worker" in messages
         assert finished["status"] not in UNFINISHED
