@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from api import artifacts, checkpoints, datasets, health, jobs
 from api.errors import install_error_handlers
 from api.job_reads import job_reader_for
-from api.memory import keep_freed_buffers
+from shared.memory import MiB, keep_freed_memory
 from shared.settings import get_settings
 
 
@@ -32,7 +32,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 def create_app() -> FastAPI:
     logging.basicConfig(level=logging.INFO)
-    keep_freed_buffers()
+    # Every 1 MiB buffer of an upload (a body batch, its file piece, its decoded text) would
+    # otherwise be new memory, page-faulted in: most of the validator's and the file write's
+    # time on a GiB (BENCHMARKS.md section 4).
+    keep_freed_memory(mmap_threshold=4 * MiB, trim_threshold=16 * MiB)
     app = FastAPI(
         title="Tunery",
         version="1",

@@ -52,6 +52,7 @@ __all__ = [
     "rss_bytes",
     "running_bare_app",
     "hwm_bytes",
+    "children_minor_faults",
     "running_api",
     "running_worker",
     "service_stack",
@@ -143,6 +144,17 @@ def hwm_bytes(pid: int) -> int:
     return _status_kib(pid, "VmHWM")
 
 
+def children_minor_faults(pid: int) -> int:
+    """Minor page faults so far of a process's children (a worker's pool process)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    # /proc/PID/stat: the fields after the command's closing parenthesis start at the state
+    # (field 3); minflt is field 10.
+    return sum(
+        int(Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[7])
+        for child in children
+    )
+
+
 @contextmanager
 def fresh_postgres() -> Iterator[str]:
     """A new PostgreSQL database (CREATE DATABASE), migrated, dropped at the end."""
@@ -202,6 +214,7 @@ class Stack:
     environment: dict[str, str]
     folder: Path
     api_pid: int
+    worker_pid: int | None = None
 
     @property
     def headers(self) -> dict[str, str]:
@@ -254,6 +267,7 @@ def service_stack(
                         timeout=120,
                         what="the worker to be ready",
                     )
+                    stack.worker_pid = worker_process.pid
                     yield stack
             else:
                 yield stack

@@ -1,9 +1,10 @@
 """Data preparation: tokenize and pack a generated 200 MB text dataset.
 
 Our path is `worker.data.prepare_data` (streamed, batched, 10% held out, block 1024) reading the
-file from storage, as a job does. The seed-style path reads the whole file and tokenizes it in
-one call (what `TextDataset` did), then cuts blocks; it needs many GB for 200 MB, so it runs on
-a slice (`--seed-mb`, default 20 MB) and its throughput is per byte of that slice.
+file from storage, as a job does, with the allocator settings of the worker's pool process. The
+seed-style path reads the whole file and tokenizes it in one call (what `TextDataset` did), then
+cuts blocks; it needs many GB for 200 MB, so it runs on a slice (`--seed-mb`, default 20 MB) and
+its throughput is per byte of that slice.
 
 Each measurement runs in a fresh child process, so peak RSS (`ru_maxrss`) is its own; cores used
 is the child's CPU time (user + system) over its wall time. The tokenizer is a byte-level BPE
@@ -77,6 +78,9 @@ def child_ours(tokenizer_dir: str, storage: str, block_size: int) -> dict[str, A
     from transformers import AutoTokenizer
 
     from worker.data import prepare_data
+    from worker.trainer import keep_freed_training_memory
+
+    keep_freed_training_memory()  # as in the worker's pool process, where a job prepares data
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     dataset = SimpleNamespace(id=DATASET_ID, filename="bench.txt", format="text", shape="text")

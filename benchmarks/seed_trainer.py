@@ -15,6 +15,8 @@ STARTED = time.perf_counter()  # before the imports: the process wall includes t
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import resource  # noqa: E402
+import statistics  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -102,8 +104,10 @@ def main() -> None:
             callbacks=[clock],
         )
         train_started = time.perf_counter()
+        faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         output = trainer.train()
         trained = time.perf_counter()
+        train_minor_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
         trainer.save_model(str(Path(output_dir) / "model"))
         tokenizer.save_pretrained(str(Path(output_dir) / "model"))
         saved = time.perf_counter()
@@ -122,6 +126,10 @@ def main() -> None:
         "process_wall_s": saved - STARTED,
         "steps": output.global_step,
         "tokens_per_second": tokens_per_step * (last - first) / window,
+        "train_minor_faults": train_minor_faults,
+        "median_step_s": statistics.median(
+            clock.ends[step] - clock.ends[step - 1] for step in range(first + 1, last + 1)
+        ),
         "train_runtime_tokens_per_second": tokens_per_step
         * args.max_steps
         / (trained - train_started),

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from _common import ROOT, median, print_header, print_table, service_stack
+from _common import ROOT, children_minor_faults, median, print_header, print_table, service_stack
 from sqlalchemy import create_engine, text
 
 MODEL = "bench-gpt2"
@@ -123,6 +123,7 @@ def run_service(stack: Any, train_id: str, eval_id: str, args: argparse.Namespac
             "seed": 42,
         },
     }
+    faults_before = children_minor_faults(stack.worker_pid)
     with httpx.Client(base_url=stack.base_url, headers=stack.headers, timeout=30) as client:
         submitted = datetime.now(UTC)
         job = client.post("/jobs", json=body).raise_for_status().json()
@@ -139,6 +140,7 @@ def run_service(stack: Any, train_id: str, eval_id: str, args: argparse.Namespac
         if status != "succeeded":
             events = client.get(f"/jobs/{job['id']}/events").json()
             raise RuntimeError(f"job {status}: {events}")
+    pool_minor_faults = children_minor_faults(stack.worker_pid) - faults_before
     engine = create_engine(stack.database_url)
     with engine.connect() as connection:
         created = connection.execute(
@@ -174,6 +176,7 @@ def run_service(stack: Any, train_id: str, eval_id: str, args: argparse.Namespac
 
     return {
         "tokens_per_second": tokens_per_step * (last - first) / window,
+        "pool_minor_faults": pool_minor_faults,
         "e2e_s": (marks["succeeded"] - submitted).total_seconds(),
         "api_s": (created - submitted).total_seconds(),
         "queue_wait_s": (marks["claimed"] - created).total_seconds(),
@@ -263,6 +266,13 @@ def main() -> None:
                 "<= +10 s",
             ],
             ["bare process wall incl. imports (s)", bare_process, "", "", ""],
+            [
+                "minor page faults: bare training / the whole job in the pool process",
+                median([r["train_minor_faults"] for r in bare_runs]),
+                median([r["pool_minor_faults"] for r in service_runs]),
+                "",
+                "",
+            ],
         ],
     )
     print("\nservice time breakdown (median s; from the job's events in PostgreSQL)\n")

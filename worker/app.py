@@ -17,6 +17,7 @@ from shared.db import get_engine
 from shared.queue import celery_app
 from worker import shutdown, tasks  # noqa: F401  (tasks registers jobs.train)
 from worker.sweeper import start_in_background
+from worker.trainer import keep_freed_training_memory
 
 app = celery_app()
 _sweeper_stop: threading.Event | None = None
@@ -45,6 +46,11 @@ def _stop_sweeper(**_: object) -> None:
 def _own_database_connections(**_: object) -> None:
     # A forked pool process must not share the parent's pooled sockets (the sweeper's, say).
     get_engine().dispose(close=False)
+
+
+@worker_process_init.connect
+def _keep_freed_training_memory(**_: object) -> None:
+    keep_freed_training_memory()
 
 
 @worker_process_init.connect

@@ -32,6 +32,7 @@ from transformers import (
 )
 from transformers.loss.loss_utils import LOSS_MAPPING
 
+from shared.memory import MiB, keep_freed_memory
 from shared.models import JobMetric
 from shared.schemas import Hyperparameters
 from shared.settings import Settings
@@ -178,6 +179,18 @@ def _first_line(exc: BaseException) -> str:
 
 
 # ---- Trainer ----
+
+
+def keep_freed_training_memory() -> bool:
+    """Keep the memory a CPU training step frees for the next step, set in the process that
+    trains.
+
+    Each step frees and allocates the same activations and gradients. With glibc's defaults
+    much of that goes back to the kernel and comes back page-faulted: thousands of faults a
+    step on the training-overhead benchmark's small model, and about a tenth of its step time
+    (BENCHMARKS.md section 1). 32 MiB is the highest bound glibc's own adaptive threshold
+    reaches, and it then keeps twice that; here it holds from the first step."""
+    return keep_freed_memory(mmap_threshold=32 * MiB, trim_threshold=64 * MiB)
 
 
 def use_bf16() -> bool:
