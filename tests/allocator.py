@@ -5,9 +5,10 @@ import json
 import subprocess
 import sys
 
+from shared.memory import MiB
 from tests.conftest import REPOSITORY
 
-MiB = 1024 * 1024
+__all__ = ["MiB", "big_blocks"]
 
 # Printed as the process's last line: {"MiB": {"mapped": bytes, "free_in_heap_after": bytes}}.
 PROBE = """
