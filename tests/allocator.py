@@ -5,10 +5,7 @@ import json
 import subprocess
 import sys
 
-from shared.memory import MiB
 from tests.conftest import REPOSITORY
-
-__all__ = ["MiB", "big_blocks"]
 
 # Printed as the process's last line: {"MiB": {"mapped": bytes, "free_in_heap_after": bytes}}.
 PROBE = """

@@ -1,6 +1,7 @@
 """shared/memory.py: glibc keeps freed blocks under the bounds it is given."""
 
-from tests.allocator import MiB, big_blocks
+from shared.memory import MiB
+from tests.allocator import big_blocks
 
 
 def test_by_default_a_big_block_is_a_mapping_of_its_own_handed_back_on_free() -> None:

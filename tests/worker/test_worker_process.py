@@ -4,7 +4,8 @@ import json
 import subprocess
 import sys
 
-from tests.allocator import MiB, big_blocks
+from shared.memory import MiB
+from tests.allocator import big_blocks
 from tests.conftest import REPOSITORY
 
 # Celery sends `worker_process_init` in each pool process it forks; here it is sent by hand in a
