@@ -10,10 +10,18 @@ FLOPs per token = 6 N + 12 L H Q T (N: parameters without the position embedding
 H heads, Q head size, T block size), as in PaLM appendix B and nanoGPT's `estimate_mfu`.
 Timing starts after `--warmup` steps (compile and allocator warm-up) and ends at the last step,
 with one device synchronisation at each end and none in between.
+Each service run also reports its first step's seconds, from `trainer.train()` on: with
+`--compile`, what compiling the training graph costs.
 
 Like a job on text blocks, training runs with SDPA's causal flag and no mask
 (`worker.attention.causal_attention`); `--stock-attention` trains with the mask transformers
 builds, as the service did before 2026-11-30.
+
+`--evaluate-first` runs the baseline eval a job with a validation set runs before training, on
+`batch + 1` blocks: a full batch and then one row, as where the eval blocks do not fill the last
+batch. Under `compile`, the second eval batch makes dynamo recompile with the batch size left
+dynamic, and training then compiles that dynamic graph too (seen on a CPU): the run measures
+the graph a real job trains with, and the eval's own seconds.
 
 `--path` measures a reference on the same blocks and settings instead (`gpu_reference.py`):
 `bare`, the same Hugging Face model in a hand-written loop, tells what the service's loop costs;
@@ -51,6 +59,7 @@ from worker.trainer import (
     JobCallback,
     build_trainer,
     describe_device,
+    evaluate_loss,
     load_base_model,
     logging_steps,
     training_arguments,
@@ -94,14 +103,18 @@ class StandInLease:
 
 
 class Stopwatch(TrainerCallback):
-    """Host time at the end of step `first` and of step `last`, each after one device sync."""
+    """Host time when training begins (mark 0), and at the end of step 1, step `first` and
+    step `last`, each after one device sync. Step 1 holds the compilation of the training graph."""
 
     def __init__(self, first: int, last: int) -> None:
         self.first, self.last = first, last
         self.marks: dict[int, float] = {}
 
+    def on_train_begin(self, *_: Any, **__: Any) -> None:
+        self.marks[0] = time.perf_counter()
+
     def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
-        if state.global_step in (self.first, self.last):
+        if state.global_step in (1, self.first, self.last):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             self.marks[state.global_step] = time.perf_counter()
@@ -263,14 +276,20 @@ def service_training(
     # The profiled run also counts host syncs, where CUDA can tell: its timing is not reported.
     cuda = torch.cuda.is_available()
     syncs = HostSyncs(args.warmup, debug_mode=True) if profile and cuda else None
+    evaluate_seconds: float | None = None
     with tempfile.TemporaryDirectory() as output:
         training_args = training_arguments(hp, Path(output), args.steps)
-        blocks = PackedBlocks(random_blocks(args, config))
+        ids = random_blocks(args, config)
+        blocks = PackedBlocks(ids)
         trainer = build_trainer(base.model, training_args, blocks, None, [callback])
         for extra in (syncs, watch, profiler):
             if extra is not None:
                 trainer.add_callback(extra)
         with attention(args, base.model, blocks) as causal:
+            if args.evaluate_first:  # the loss does not matter, so training's first blocks do
+                started = time.perf_counter()
+                evaluate_loss(trainer, PackedBlocks(ids[: args.batch_size + 1]))
+                evaluate_seconds = time.perf_counter() - started
             trainer.train()
     if profiler is not None:
         counted = syncs.report(training_args.logging_steps) if syncs else "host syncs: no CUDA"
@@ -283,7 +302,10 @@ def service_training(
         "dataloader_workers": training_args.dataloader_num_workers,
         "pin_memory": training_args.dataloader_pin_memory,
         "attention": "causal" if causal else "masked",
+        "first_step_seconds": watch.marks[1] - watch.marks[0],
     }
+    if evaluate_seconds is not None:
+        used["evaluate_seconds"] = evaluate_seconds
     return watch.marks[args.steps] - watch.marks[args.warmup], base.model, used
 
 
@@ -403,6 +425,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="train with the mask transformers builds, not the causal flag (as before)",
     )
     parser.add_argument(
+        "--evaluate-first",
+        action="store_true",
+        help="a baseline eval on batch + 1 blocks before training, as a job with validation",
+    )
+    parser.add_argument(
         "--profile",
         help="profile 10 steps of the last run, count its host syncs per step, write both here",
     )
@@ -434,7 +461,13 @@ def main() -> None:
         for index in range(args.runs):
             last = index == args.runs - 1
             runs.append(run_once(args, models, config, profile=bool(args.profile) and last))
-            print(f"   run {index + 1}: {runs[-1]['tokens_per_second']:,.0f} tok/s", flush=True)
+            run = runs[-1]
+            line = f"   run {index + 1}: {run['tokens_per_second']:,.0f} tok/s"
+            if "evaluate_seconds" in run:
+                line += f", eval {run['evaluate_seconds']:.1f} s"
+            if "first_step_seconds" in run:
+                line += f", first step {run['first_step_seconds']:.1f} s"
+            print(line, flush=True)
 
     best = runs[0]
     tps = median([r["tokens_per_second"] for r in runs])

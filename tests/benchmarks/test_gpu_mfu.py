@@ -102,3 +102,21 @@ def test_host_syncs_are_counted_per_step_with_the_logging_that_follows_it(
     report = syncs.report(2)
     assert "host syncs, logging steps: 2 in 2 steps" in report
     assert "host syncs, other steps: 0 in 2 steps" in report
+
+
+def test_a_baseline_eval_with_a_short_last_batch_adds_two_compiled_graphs(
+    benchmarks: tuple[ModuleType, ModuleType], tmp_path: Path
+) -> None:
+    gpu_mfu, _ = benchmarks
+    arguments = ["--smoke", "--compile", "--evaluate-first", "--steps", "4", "--warmup", "2"]
+    args = gpu_mfu.parse_args(arguments)
+    config = gpu_mfu.build_model(tmp_path / "models" / "gpt2-124m", args)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+
+    result = gpu_mfu.run_once(args, tmp_path / "models", config)
+
+    # The eval's full batch, its one-row batch (recompiled, batch size now dynamic), training.
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3
+    assert result["evaluate_seconds"] > 0
+    assert result["first_step_seconds"] > 0
