@@ -11,34 +11,21 @@ the median step time, and the minor page faults during `trainer.train()`.
 """
 
 import argparse
-import json
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-from _common import ROOT, median, print_header, print_table
-from training_overhead import build_model, corpus
+from _common import median, print_header, print_table
+from training_overhead import build_model, corpus, run_bare
 
-SEED_TRAINER = ROOT / "benchmarks" / "seed_trainer.py"
 KEEP_FREED = (
     "from worker.trainer import keep_freed_training_memory\nassert keep_freed_training_memory()\n"
 )
-RUN_SEED_TRAINER = (
-    "import runpy, sys\nsys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n"
-)
 
 
-def run(keep_freed: bool, seed_args: list[str], out: Path) -> dict[str, float]:
-    prelude = KEEP_FREED if keep_freed else ""
-    subprocess.run(
-        [sys.executable, "-c", prelude + RUN_SEED_TRAINER, str(SEED_TRAINER), *seed_args],
-        check=True,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    result = json.loads(out.read_text())
+def run(
+    keep_freed: bool, model: Path, data: Path, args: argparse.Namespace, folder: Path
+) -> dict[str, float]:
+    result = run_bare(model, data, args, folder, prelude=KEEP_FREED if keep_freed else "")
     return {
         "tokens_per_second": result["tokens_per_second"],
         "median_step_ms": 1000 * result["median_step_s"],
@@ -62,15 +49,9 @@ def main() -> None:
         model = build_model(folder / "models")
         data = folder / "train.txt"
         data.write_bytes(corpus(4000))
-        out = folder / "seed.json"
-        seed_args = [
-            *("--model", str(model), "--data", str(data), "--out", str(out)),
-            *("--block-size", str(args.block_size), "--batch-size", str(args.batch_size)),
-            *("--max-steps", str(args.steps)),
-        ]
         for index in range(args.runs):
             for side, keep_freed in sides.items():
-                runs[side].append(run(keep_freed, seed_args, out))
+                runs[side].append(run(keep_freed, model, data, args, folder))
             default, kept = (runs[side][-1] for side in sides)
             print(
                 f"   run {index + 1}: defaults {default['tokens_per_second']:,.0f} tok/s, "

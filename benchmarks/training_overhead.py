@@ -50,12 +50,23 @@ def corpus(lines: int, offset: int = 0) -> bytes:
     return ("\n".join(rows) + "\n").encode()
 
 
-def run_bare(model: Path, data: Path, args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+# Runs the script named after `-c` as its `__main__`, so that a prelude can run before it.
+_RUN_SCRIPT = (
+    "import runpy, sys\nsys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n"
+)
+
+
+def run_bare(
+    model: Path, data: Path, args: argparse.Namespace, folder: Path, prelude: str = ""
+) -> dict[str, Any]:
+    """The seed recipe (`seed_trainer.py`) in a fresh process; `prelude`, Python code, runs
+    first in that process."""
     out = folder / "bare.json"
     started = time.perf_counter()
     subprocess.run(
         [
             sys.executable,
+            *(["-c", prelude + _RUN_SCRIPT] if prelude else []),
             str(ROOT / "benchmarks" / "seed_trainer.py"),
             "--model",
             str(model),
