@@ -11,7 +11,8 @@ What transformers 5 supports (read in `masking_utils.py` and `modeling_flash_att
   `DataCollatorWithFlattening(return_flash_attn_kwargs=True)`: a batch is one flat sequence.
 
 Modes (`collator_mode` picks one for a model):
-- `blocks`: text blocks, all the same length, stacked (the seed's collation).
+- `blocks`: text blocks, all the same length, stacked (the seed's collation); under
+  `torch.compile` in batches of one size too (`FullBatches`).
 - `packed`: rows stay batch items, padded to the longest row with one extra segment of pad
   tokens (its own position ids, labels -100, so it neither sees nor is seen by real tokens).
   Keeping the batch dimension keeps sdpa's cost at batch x block^2, not (batch x block)^2.
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import Dataset as TorchDataset
-from transformers import DataCollatorWithFlattening, PreTrainedModel
+from transformers import DataCollatorWithFlattening, PreTrainedModel, default_data_collator
 
 from shared.schemas import Collation
 from worker.masking import IGNORE_INDEX
@@ -92,6 +93,34 @@ class PackedCollator:
         if self.mode == "padded":
             return {"input_ids": ids, "labels": labels, "attention_mask": mask}
         raise ValueError(f"unknown collator mode {self.mode!r}")
+
+
+class FullBatches:
+    """Text blocks stacked into batches of exactly `rows` rows, for a compiled model: a short
+    batch (an epoch's last, an evaluation's last) is filled with copies of its first block whose
+    labels the loss ignores.
+
+    torch.compile specialises its graph to the batch size, and a batch of another size makes it
+    compile again, with the size left dynamic from then on: a job with validation compiled up to
+    four graphs, and one without compiled again in the middle of training (BENCHMARKS.md section
+    6). Full batches keep one static graph for training and one for evaluation. The filler
+    changes no loss and no gradient: the loss averages over labelled tokens only, and Trainer's
+    eval loop counts the last batch by the rows the dataset has left, not by the rows it got.
+    """
+
+    def __init__(self, rows: int) -> None:
+        self.rows = rows
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = default_data_collator(features)
+        missing = self.rows - len(features)
+        if missing <= 0:
+            return batch
+        ids, labels = batch["input_ids"], batch["labels"]
+        batch["input_ids"] = torch.cat([ids, ids[:1].expand(missing, -1)])
+        ignored = torch.full_like(labels[:1], IGNORE_INDEX).expand(missing, -1)
+        batch["labels"] = torch.cat([labels, ignored])
+        return batch
 
 
 def _attention(model: PreTrainedModel) -> str:

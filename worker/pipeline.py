@@ -392,6 +392,12 @@ def _make_trainer(
     # After JobCallback: it sees a stop (cancel, lost claim) first and then saves nothing.
     saver = CheckpointCallback(lease, get_settings().checkpoint_interval_s, resumed)
     args = training_arguments(hp, workdir / "trainer", total_steps)
+    if hp.compile:
+        # Graphs an earlier job compiled in this process would leave this job's sizes dynamic
+        # (automatic dynamic shapes) and count towards dynamo's limit of graphs per function,
+        # past which it runs eager: each job compiles its own, from inductor's cache on disk
+        # where an earlier job had the same shapes.
+        torch._dynamo.reset()
     trainer = build_trainer(
         base.model, args, data.train, data.eval, [callback, saver], collator=data.collator
     )

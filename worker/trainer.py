@@ -37,6 +37,8 @@ from shared.models import JobMetric
 from shared.schemas import Hyperparameters
 from shared.settings import Settings
 from worker import hub
+from worker.collate import FullBatches
+from worker.data import PackedBlocks
 from worker.errors import JobFailure
 from worker.lease import Lease
 
@@ -265,6 +267,9 @@ def build_trainer(
     callbacks: list[TrainerCallback],
     collator: Callable[[list[dict[str, Any]]], dict[str, Any]] = default_data_collator,
 ) -> Trainer:
+    if args.torch_compile and isinstance(train, PackedBlocks):
+        # Evaluation batches as many blocks as training (`training_arguments`).
+        collator = FullBatches(args.per_device_train_batch_size)
     trainer = Trainer(
         model=model,
         args=args,
