@@ -19,9 +19,9 @@ builds, as the service did before 2026-11-30.
 
 `--evaluate-first` runs the baseline eval a job with a validation set runs before training, on
 `batch + 1` blocks: a full batch and then one row, as where the eval blocks do not fill the last
-batch. Under `compile`, the second eval batch makes dynamo recompile with the batch size left
-dynamic, and training then compiles that dynamic graph too (seen on a CPU): the run measures
-the graph a real job trains with, and the eval's own seconds.
+batch. Under `compile` the job fills that row's batch (`worker.collate.FullBatches`), so the
+eval compiles one graph of its own: the run measures its seconds, and that training's graph
+stays the static one.
 
 `--path` measures a reference on the same blocks and settings instead (`gpu_reference.py`):
 `bare`, the same Hugging Face model in a hand-written loop, tells what the service's loop costs;

@@ -121,7 +121,11 @@ def _marks(events: list[tuple[str, datetime]]) -> dict[str, datetime]:
     return found
 
 
-def run_service(stack: Any, train_id: str, eval_id: str, args: argparse.Namespace) -> dict:
+def run_service(
+    stack: Any, train_id: str, eval_id: str, args: argparse.Namespace, **hyperparameters: Any
+) -> dict:
+    """One job through the service, timed from its events and metric rows; `hyperparameters`
+    add to or replace the benchmark's."""
     body = {
         "base_model": MODEL,
         "dataset_id": train_id,
@@ -132,6 +136,7 @@ def run_service(stack: Any, train_id: str, eval_id: str, args: argparse.Namespac
             "block_size": args.block_size,
             "learning_rate": 5e-4,
             "seed": 42,
+            **hyperparameters,
         },
     }
     faults_before = children_minor_faults(stack.worker_pid)
