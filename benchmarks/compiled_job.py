@@ -1,17 +1,20 @@
 """Compiled jobs on a CPU: what `compile: true` adds to a real job, stage by stage, against the
 same job in eager mode, and the recompilations the worker logged.
 
-The job is the usual one: text with a validation set (jobs hold out 10% by default), two epochs,
-and a training set and a validation set that both end in a short batch, as real data does. Each
+The job is the usual one: text (or, with `--shape prompt_completion`, a masked shape in packed
+rows) with a validation set (jobs hold out 10% by default), two epochs, and a training set and a
+validation set that both end in a short batch, as real data does. Each
 run starts its own service, so that the compiled job is the first one a fresh worker process
 compiles, with an empty inductor cache; the eager job runs first, then the compiled one, then
 the compiled one again (what the worker's next job of the same shapes pays). The worker logs its
 recompilations (`TORCH_LOGS=recompiles`), and the script prints what triggered each.
 
     python benchmarks/compiled_job.py [--runs 3]
+    python benchmarks/compiled_job.py --runs 3 --shape prompt_completion --block-size 128
 """
 
 import argparse
+import json
 import math
 import os
 import re
@@ -27,6 +30,16 @@ from training_overhead import MODEL, build_model, corpus, run_service
 # guard of each recompilation (later lines name the older graphs' guards).
 _TRIGGER = re.compile(r"\[__recompiles\]\s+triggered by.*\n.*\[__recompiles\]\s+- [\d/]+: (.*)")
 STAGES = ["baseline_eval_s", "to_train_start_s", "train_s", "final_eval_s", "e2e_s"]
+
+
+def prompt_completion_pairs(lines: int, offset: int = 0) -> bytes:
+    """The text corpus's sentences cut into a prompt and a completion: a masked shape, about 37
+    tokens an example, so three to a packed row at block size 128."""
+    rows = []
+    for line in corpus(lines, offset).decode().splitlines():
+        prompt, completion = line.split(",")
+        rows.append(json.dumps({"prompt": prompt + ",", "completion": completion}))
+    return ("\n".join(rows) + "\n").encode()
 
 
 def recompilations(worker_log: str) -> list[str]:
@@ -56,6 +69,7 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--train-lines", type=int, default=400)
     parser.add_argument("--eval-lines", type=int, default=30)
+    parser.add_argument("--shape", choices=["text", "prompt_completion"], default="text")
     args = parser.parse_args()
     print_header("compiled job: compile: true against eager, same job, fresh worker each run")
     os.environ["TORCH_LOGS"] = "recompiles"  # the service's processes inherit the environment
@@ -65,9 +79,11 @@ def main() -> None:
         folder = Path(folder_name)
         models = folder / "models"
         build_model(models)
+        data = corpus if args.shape == "text" else prompt_completion_pairs
+        suffix = ".txt" if args.shape == "text" else ".jsonl"
         files = {
-            "train.txt": corpus(args.train_lines),
-            "eval.txt": corpus(args.eval_lines, offset=100_000),
+            f"train{suffix}": data(args.train_lines),
+            f"eval{suffix}": data(args.eval_lines, offset=100_000),
         }
         for run in range(args.runs):
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder / f"inductor-{run}")
@@ -99,7 +115,7 @@ def main() -> None:
             )
 
     print(
-        f"\nGPT-2 4x256, block {args.block_size}, batch {args.batch_size}, "
+        f"\n{args.shape}, GPT-2 4x256, block {args.block_size}, batch {args.batch_size}, "
         f"median of {args.runs} runs (seconds; added: against the eager job of the same run)\n"
     )
     eager = jobs["eager"]

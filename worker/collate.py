@@ -11,8 +11,7 @@ What transformers 5 supports (read in `masking_utils.py` and `modeling_flash_att
   `DataCollatorWithFlattening(return_flash_attn_kwargs=True)`: a batch is one flat sequence.
 
 Modes (`collator_mode` picks one for a model):
-- `blocks`: text blocks, all the same length, stacked (the seed's collation); under
-  `torch.compile` in batches of one size too (`FullBatches`).
+- `blocks`: text blocks, all the same length, stacked (the seed's collation).
 - `packed`: rows stay batch items, padded to the longest row with one extra segment of pad
   tokens (its own position ids, labels -100, so it neither sees nor is seen by real tokens).
   Keeping the batch dimension keeps sdpa's cost at batch x block^2, not (batch x block)^2.
@@ -20,15 +19,17 @@ Modes (`collator_mode` picks one for a model):
   attention.
 - `padded`: the fallback for attention that ignores restarting positions: rows hold one example
   each (`pack_examples(pack=False)`), right-padded to the longest with an attention mask.
+
+Under `torch.compile` batches have one size, and packed ones one length (`compiled_collator`).
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset as TorchDataset
-from transformers import DataCollatorWithFlattening, PreTrainedModel, default_data_collator
+from transformers import DataCollatorWithFlattening, PreTrainedModel
 
 from shared.schemas import Collation
 from worker.masking import IGNORE_INDEX
@@ -50,6 +51,10 @@ class PackedDataset(TorchDataset):
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         return self.data.row(index)
 
+    @property
+    def longest_row(self) -> int:
+        return int(np.diff(self.data.row_offsets).max(initial=0))
+
 
 def _segments(feature: dict[str, Any]) -> list[dict[str, list[int]]]:
     """A packed row split back into its examples, where the position ids restart."""
@@ -63,17 +68,19 @@ def _segments(feature: dict[str, Any]) -> list[dict[str, list[int]]]:
 
 
 class PackedCollator:
-    """Collates `PackedDataset` rows for one `Mode` (see the module docstring)."""
+    """Collates `PackedDataset` rows for one `Mode` (see the module docstring): padded to the
+    longest row of the batch, or to `length` when it is longer."""
 
-    def __init__(self, mode: Mode, pad_token_id: int) -> None:
+    def __init__(self, mode: Mode, pad_token_id: int, length: int = 0) -> None:
         self.mode = mode
         self.pad_token_id = pad_token_id
+        self.length = length
         self._flatten = DataCollatorWithFlattening(return_flash_attn_kwargs=True)
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if self.mode == "flatten":
             return self._flatten([seg for feature in features for seg in _segments(feature)])
-        longest = max(len(feature["input_ids"]) for feature in features)
+        longest = max(self.length, *(len(feature["input_ids"]) for feature in features))
         ids = torch.full((len(features), longest), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(features), longest), IGNORE_INDEX, dtype=torch.long)
         positions = torch.zeros((len(features), longest), dtype=torch.long)
@@ -95,32 +102,51 @@ class PackedCollator:
         raise ValueError(f"unknown collator mode {self.mode!r}")
 
 
-class FullBatches:
-    """Text blocks stacked into batches of exactly `rows` rows, for a compiled model: a short
-    batch (an epoch's last, an evaluation's last) is filled with copies of its first block whose
-    labels the loss ignores.
+Collate = Callable[[list[dict[str, Any]]], dict[str, Any]]
 
-    torch.compile specialises its graph to the batch size, and a batch of another size makes it
-    compile again, with the size left dynamic from then on: a job with validation compiled up to
-    four graphs, and one without compiled again in the middle of training (BENCHMARKS.md section
-    6). Full batches keep one static graph for training and one for evaluation. The filler
-    changes no loss and no gradient: the loss averages over labelled tokens only, and Trainer's
-    eval loop counts the last batch by the rows the dataset has left, not by the rows it got.
+
+class FullBatches:
+    """Batches of exactly `rows` rows, for a compiled model: a short batch (an epoch's last, an
+    evaluation's last) is filled with copies of its first row whose labels the loss ignores.
+
+    torch.compile specialises its graph to the batch's shape, and a batch of another shape makes
+    it compile again, with that size left dynamic from then on: a job with validation compiled
+    up to four graphs, and one without compiled again in the middle of training (BENCHMARKS.md
+    section 6). Full batches of one length (`compiled_collator`) keep one static graph for
+    training and one for evaluation. The filler changes no loss and no gradient: the loss
+    averages over labelled tokens only, and Trainer's eval loop counts the last batch by the
+    rows the dataset has left, not by the rows it got.
     """
 
-    def __init__(self, rows: int) -> None:
+    def __init__(self, collate: Collate, rows: int) -> None:
+        self.collate = collate
         self.rows = rows
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = default_data_collator(features)
-        missing = self.rows - len(features)
-        if missing <= 0:
-            return batch
-        ids, labels = batch["input_ids"], batch["labels"]
-        batch["input_ids"] = torch.cat([ids, ids[:1].expand(missing, -1)])
-        ignored = torch.full_like(labels[:1], IGNORE_INDEX).expand(missing, -1)
-        batch["labels"] = torch.cat([labels, ignored])
-        return batch
+        first = features[0]
+        labels = first["labels"]
+        ignored = (
+            torch.full_like(labels, IGNORE_INDEX)
+            if isinstance(labels, torch.Tensor)
+            else np.full_like(labels, IGNORE_INDEX)
+        )
+        filler = {**first, "labels": ignored}
+        return self.collate([*features, *[filler] * (self.rows - len(features))])
+
+
+def compiled_collator(collator: Collate, datasets: Sequence[TorchDataset], rows: int) -> Collate:
+    """`collator` for a compiled model: full batches and, for packed rows, one length (the
+    longest row of `datasets`). Packed rows are nearly full, so that padding costs little; rows
+    of one example each (`padded`) keep their batch's length, as padding a short example to the
+    longest would multiply its compute. Flash attention's flattened batches stay as they are:
+    its kernels take any total length."""
+    if isinstance(collator, PackedCollator):
+        if collator.mode == "flatten":
+            return collator
+        if collator.mode == "packed":
+            packed = [d.longest_row for d in datasets if isinstance(d, PackedDataset)]
+            collator = PackedCollator("packed", collator.pad_token_id, max(packed, default=0))
+    return FullBatches(collator, rows)
 
 
 def _attention(model: PreTrainedModel) -> str:

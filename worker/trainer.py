@@ -37,8 +37,7 @@ from shared.models import JobMetric
 from shared.schemas import Hyperparameters
 from shared.settings import Settings
 from worker import hub
-from worker.collate import FullBatches
-from worker.data import PackedBlocks
+from worker.collate import compiled_collator
 from worker.errors import JobFailure
 from worker.lease import Lease
 
@@ -267,9 +266,10 @@ def build_trainer(
     callbacks: list[TrainerCallback],
     collator: Callable[[list[dict[str, Any]]], dict[str, Any]] = default_data_collator,
 ) -> Trainer:
-    if args.torch_compile and isinstance(train, PackedBlocks):
-        # Evaluation batches as many blocks as training (`training_arguments`).
-        collator = FullBatches(args.per_device_train_batch_size)
+    if args.torch_compile:
+        # Evaluation batches as many rows as training (`training_arguments`).
+        datasets = [train] if evaluation is None else [train, evaluation]
+        collator = compiled_collator(collator, datasets, args.per_device_train_batch_size)
     trainer = Trainer(
         model=model,
         args=args,
