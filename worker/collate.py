@@ -123,15 +123,13 @@ class FullBatches:
         self.rows = rows
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        first = features[0]
-        labels = first["labels"]
-        ignored = (
-            torch.full_like(labels, IGNORE_INDEX)
-            if isinstance(labels, torch.Tensor)
-            else np.full_like(labels, IGNORE_INDEX)
-        )
-        filler = {**first, "labels": ignored}
-        return self.collate([*features, *[filler] * (self.rows - len(features))])
+        missing = self.rows - len(features)
+        if missing <= 0:
+            return self.collate(features)
+        labels = features[0]["labels"]
+        full_like = torch.full_like if isinstance(labels, torch.Tensor) else np.full_like
+        filler = {**features[0], "labels": full_like(labels, IGNORE_INDEX)}
+        return self.collate([*features, *[filler] * missing])
 
 
 def compiled_collator(collator: Collate, datasets: Sequence[TorchDataset], rows: int) -> Collate:

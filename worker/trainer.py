@@ -37,7 +37,7 @@ from shared.models import JobMetric
 from shared.schemas import Hyperparameters
 from shared.settings import Settings
 from worker import hub
-from worker.collate import compiled_collator
+from worker.collate import Collate, compiled_collator
 from worker.errors import JobFailure
 from worker.lease import Lease
 
@@ -264,7 +264,7 @@ def build_trainer(
     train: TorchDataset,
     evaluation: TorchDataset | None,
     callbacks: list[TrainerCallback],
-    collator: Callable[[list[dict[str, Any]]], dict[str, Any]] = default_data_collator,
+    collator: Collate = default_data_collator,
 ) -> Trainer:
     if args.torch_compile:
         # Evaluation batches as many rows as training (`training_arguments`).
