@@ -20,8 +20,8 @@ builds, as the service did before 2026-11-30.
 `--evaluate-first` runs the baseline eval a job with a validation set runs before training, on
 `batch + 1` blocks: a full batch and then one row, as where the eval blocks do not fill the last
 batch. Under `compile` the job fills that row's batch (`worker.collate.FullBatches`), so the
-eval compiles one graph of its own: the run measures its seconds, and that training's graph
-stays the static one.
+eval compiles one graph of its own and training's graph stays static: the run measures the
+eval's seconds and checks that its tokens/s are `service`'s.
 
 `--path` measures a reference on the same blocks and settings instead (`gpu_reference.py`):
 `bare`, the same Hugging Face model in a hand-written loop, tells what the service's loop costs;
