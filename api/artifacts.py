@@ -6,7 +6,7 @@ from fastapi import APIRouter, Header
 from fastapi.responses import FileResponse
 from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
 
-from api.deps import JobDep
+from api.deps import JobSnapshotDep
 from api.errors import RESOURCE_ERRORS, APIError, documented
 from shared import storage
 from shared.jobs import SUCCEEDED
@@ -40,7 +40,7 @@ def _check_range(range_header: str, size: int) -> None:
     },
 )
 def download_artifact(
-    job: JobDep, range_header: Annotated[str | None, Header(alias="Range")] = None
+    job: JobSnapshotDep, range_header: Annotated[str | None, Header(alias="Range")] = None
 ) -> FileResponse:
     """Download the trained model as a tar.gz (supports `Range`)."""
     if job.dry_run:

@@ -2,7 +2,7 @@
 
 from fastapi import APIRouter
 
-from api.deps import JobDep
+from api.deps import JobSnapshotDep
 from api.errors import RESOURCE_ERRORS
 from api.pagination import list_of
 from shared import checkpoints
@@ -12,7 +12,7 @@ router = APIRouter(prefix="/jobs", tags=["jobs"], responses=RESOURCE_ERRORS)
 
 
 @router.get("/{job_id}/checkpoints")
-def list_checkpoints(job: JobDep) -> ListRead[CheckpointRead]:
+def list_checkpoints(job: JobSnapshotDep) -> ListRead[CheckpointRead]:
     """The job's complete checkpoints, newest first (deleted once the job has ended)."""
     found = checkpoints.list_complete(job.id)
     return list_of(

@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from api.deps import DatasetDep, PrincipalDep, SessionDep
+from api.deps import DatasetDep, DatasetSnapshotDep, PrincipalDep, SessionDep
 from api.errors import RESOURCE_ERRORS, APIError, not_found
 from api.pagination import list_of, newest_first
 from shared import storage
@@ -447,7 +447,7 @@ def list_datasets(
 
 
 @router.get("/{dataset_id}")
-def get_dataset(dataset: DatasetDep) -> DatasetRead:
+def get_dataset(dataset: DatasetSnapshotDep) -> DatasetRead:
     """Read one dataset."""
     return DatasetRead.model_validate(dataset)
 
@@ -475,7 +475,7 @@ def _content_disposition(filename: str) -> str:
         }
     },
 )
-def dataset_content(dataset: DatasetDep) -> StreamingResponse:
+def dataset_content(dataset: DatasetSnapshotDep) -> StreamingResponse:
     """Download the file as uploaded."""
     try:
         stream = storage.open_read(dataset_key(dataset.id))

@@ -108,6 +108,16 @@ def get_dataset(session: SessionDep, principal: PrincipalDep, dataset_id: str) -
     return dataset
 
 
+def read_dataset(principal: PrincipalDep, dataset_id: str) -> Dataset:
+    """The dataset as it is now, for a route that only shows it or streams its file: read with
+    no transaction, so that none stays open while a slow client downloads."""
+    with read_session() as session:
+        dataset = owned_dataset(session, principal, dataset_id)
+    if dataset is None:
+        raise not_found("dataset", dataset_id)
+    return dataset
+
+
 def get_job(session: SessionDep, principal: PrincipalDep, job_id: str) -> Job:
     job = session.get(Job, job_id)
     if job is None or job.project_id != principal.project_id:
@@ -126,5 +136,6 @@ async def read_job(request: Request, principal: PrincipalDep, job_id: str) -> An
 
 DatasetDep = Annotated[Dataset, Depends(get_dataset)]
 JobDep = Annotated[Job, Depends(get_job)]
-# A read-only row with the job's attributes: show it, never change it.
-JobSnapshotDep = Annotated[Any, Depends(read_job)]
+# Read-only rows, read with no transaction: show them, never change them.
+DatasetSnapshotDep = Annotated[Dataset, Depends(read_dataset)]
+JobSnapshotDep = Annotated[Any, Depends(read_job)]  # a row with a `Job`'s attribute names

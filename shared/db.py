@@ -36,8 +36,17 @@ def engine_for(url: str) -> Engine:
         pool_size=40,
         max_overflow=10,
         pool_recycle=1800,
-        connect_args={"connect_timeout": 3},
+        connect_args={"connect_timeout": 3, "options": _idle_in_transaction_timeout()},
     )
+
+
+def _idle_in_transaction_timeout() -> str:
+    # Our transactions wait on their client for milliseconds. One that waits for as long as a
+    # silent worker is given belongs to a process that froze or lost its network mid-write;
+    # its row locks would hold off the sweeper's re-queue, and every write for that job, until
+    # the process came back (hours, for a cut network). The server ends it and rolls it back.
+    milliseconds = round(get_settings().heartbeat_timeout_s * 1000)
+    return f"-c idle_in_transaction_session_timeout={milliseconds}"
 
 
 def get_engine() -> Engine:

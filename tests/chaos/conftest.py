@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import Row, select, text
 
 from shared.db import engine_for
 from shared.models import Job, JobEvent
@@ -42,6 +42,11 @@ FAST_RECOVERY = {
     "checkpoint_interval_s": "1",
     "max_attempts": "5",
 }
+
+BACKENDS = text(
+    "SELECT pid, state, wait_event_type, query FROM pg_stat_activity "
+    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+)
 
 
 def figures(test: str, **values: Any) -> None:
@@ -111,6 +116,13 @@ class Stack:
                     select(JobEvent.message).where(JobEvent.job_id == job_id).order_by(JobEvent.seq)
                 )
             )
+
+    def backends(self) -> list[Row[Any]]:
+        """The database's other server processes: pid, state ("active", "idle in
+        transaction"...), wait_event_type ("Lock"...) and their latest query."""
+        # A connection of its own each time: within a transaction the view does not change.
+        with self.engine.connect() as connection:
+            return list(connection.execute(BACKENDS))
 
     def step(self, job_id: str) -> int:
         return int((self.row(job_id).progress or {}).get("step") or 0)
