@@ -7,6 +7,7 @@ import subprocess
 
 from sqlalchemy import text
 
+from shared.models import Job
 from tests.chaos.conftest import Stack, figures, now
 from tests.processes import wait_for
 
@@ -48,14 +49,7 @@ class TestStoppedWorker:
         paused_at = stack.step(job_id)
 
         stack.kill_group(first, signal.SIGSTOP)
-        paused = now()
-        try:
-            resumed = stack.wait_resumed(job_id, attempt=2)
-            recovered_s = now() - paused
-            stack.wait_step(job_id, resumed.resumed_from_step + 2)
-        finally:
-            stack.kill_group(first, signal.SIGCONT)
-        _stood_down_and_finished_once(stack, first, job_id)
+        resumed, recovered_s = _taken_over_then_continued(stack, first, job_id, paused=now())
         figures(
             "h.sigstop_past_lease",
             step_paused_at=paused_at,
@@ -79,21 +73,15 @@ class TestStoppedWorker:
             )
             stack.kill_group(first, signal.SIGSTOP)
             paused = now()
-        try:
-            # The lock went with the blocker's connection: the insert goes through, and the
-            # frozen worker never sends its COMMIT.
-            frozen_state = wait_for(
-                lambda: (state := _state(stack, waiting)) != "active" and state,
-                timeout=10,
-                what="the insert to finish",
-            )
-            assert frozen_state == "idle in transaction"
-            resumed = stack.wait_resumed(job_id, attempt=2, timeout=60)
-            recovered_s = now() - paused
-            stack.wait_step(job_id, resumed.resumed_from_step + 2)
-        finally:
-            stack.kill_group(first, signal.SIGCONT)
-        _stood_down_and_finished_once(stack, first, job_id)
+        # The lock went with the blocker's connection: the insert goes through, and the frozen
+        # worker never sends its COMMIT.
+        frozen_state = wait_for(
+            lambda: (state := _state(stack, waiting)) != "active" and state,
+            timeout=10,
+            what="the insert to finish",
+        )
+        assert frozen_state == "idle in transaction"
+        resumed, recovered_s = _taken_over_then_continued(stack, first, job_id, paused)
         figures(
             "i.frozen_inside_a_write",
             step_resumed_from=resumed.resumed_from_step,
@@ -101,10 +89,17 @@ class TestStoppedWorker:
         )
 
 
-def _stood_down_and_finished_once(
-    stack: Stack, first: subprocess.Popen[bytes], job_id: str
-) -> None:
-    """The continued worker noticed it lost the job, and the job succeeded once, on attempt 2."""
+def _taken_over_then_continued(
+    stack: Stack, first: subprocess.Popen[bytes], job_id: str, paused: float
+) -> tuple[Job, float]:
+    """The job resumed on the standby and trained on while `first` stayed paused; continued,
+    `first` noticed it lost the job, and the job succeeded once, on attempt 2. Returns the
+    resumed row and the seconds from the pause to the resume. (A failure leaves `first` paused:
+    the stack continues it before stopping it.)"""
+    resumed = stack.wait_resumed(job_id, attempt=2, timeout=60)
+    recovered_s = now() - paused
+    stack.wait_step(job_id, resumed.resumed_from_step + 2)
+    stack.kill_group(first, signal.SIGCONT)
     try:
         wait_for(
             lambda: "lost its claim; stopped without writing" in stack.log("first").read_text(),
@@ -120,6 +115,7 @@ def _stood_down_and_finished_once(
     assert messages.count("job claimed by a worker") == 2
     assert messages.count("job succeeded") == 1
     assert first.poll() is None  # alive, and free for the next job
+    return resumed, recovered_s
 
 
 def _waiting_metric_insert(stack: Stack) -> int | None:
