@@ -220,6 +220,14 @@ class Stack:
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"}
 
+    def upload(self, name: str, content: bytes) -> str:
+        """Upload a dataset file; returns the dataset's id."""
+        import httpx
+
+        with httpx.Client(base_url=self.base_url, headers=self.headers, timeout=120) as client:
+            response = client.post("/datasets", files={"file": (name, content)})
+            return response.raise_for_status().json()["id"]
+
 
 @contextmanager
 def service_stack(

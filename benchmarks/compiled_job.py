@@ -3,10 +3,10 @@ same job in eager mode, and the recompilations the worker logged.
 
 The job is the usual one: text (or, with `--shape prompt_completion`, a masked shape in packed
 rows) with a validation set (jobs hold out 10% by default), two epochs, and a training set and a
-validation set that both end in a short batch, as real data does. Each
-run starts its own service, so that the compiled job is the first one a fresh worker process
-compiles, with an empty inductor cache; the eager job runs first, then the compiled one, then
-the compiled one again (what the worker's next job of the same shapes pays). The worker logs its
+validation set that both end in a short batch, as real data does. Each run starts its own
+service, so that the compiled job is the first one a fresh worker process compiles, with an
+empty inductor cache; the eager job runs first, then the compiled one, then the compiled one
+again (what the worker's next job of the same shapes pays). The worker logs its
 recompilations (`TORCH_LOGS=recompiles`), and the script prints what triggered each.
 
     python benchmarks/compiled_job.py [--runs 3]
@@ -88,13 +88,7 @@ def main() -> None:
         for run in range(args.runs):
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder / f"inductor-{run}")
             with service_stack(worker=True, models_dir=models) as stack:
-                with httpx.Client(base_url=stack.base_url, headers=stack.headers) as client:
-                    train_id, eval_id = (
-                        client.post("/datasets", files={"file": (name, body)})
-                        .raise_for_status()
-                        .json()["id"]
-                        for name, body in files.items()
-                    )
+                train_id, eval_id = (stack.upload(name, body) for name, body in files.items())
                 plan = planned_blocks(stack, train_id, eval_id, args)
                 short = {"blocks": plan["blocks"], "eval_blocks": plan["eval_blocks"]}
                 if any(blocks % args.batch_size == 0 for blocks in short.values()):

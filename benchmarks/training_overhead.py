@@ -227,13 +227,7 @@ def main() -> None:
         eval_file = folder / "eval.txt"
         eval_file.write_bytes(corpus(200, offset=100_000))
         with service_stack(worker=True, models_dir=models) as stack:
-            with httpx.Client(base_url=stack.base_url, headers=stack.headers) as client:
-                ids = []
-                for path in (train_file, eval_file):
-                    files = {"file": (path.name, path.read_bytes())}
-                    ids.append(
-                        client.post("/datasets", files=files).raise_for_status().json()["id"]
-                    )
+            ids = [stack.upload(path.name, path.read_bytes()) for path in (train_file, eval_file)]
             bare_runs, service_runs = [], []
             for index in range(args.runs):
                 bare_runs.append(run_bare(model, train_file, args, folder))

@@ -132,12 +132,14 @@ class FullBatches:
         return self.collate([*features, *[filler] * missing])
 
 
-def compiled_collator(collator: Collate, datasets: Sequence[TorchDataset], rows: int) -> Collate:
+def compiled_collator(
+    collator: Collate, datasets: Sequence[TorchDataset | None], rows: int
+) -> Collate:
     """`collator` for a compiled model: full batches and, for packed rows, one length (the
-    longest row of `datasets`). Packed rows are nearly full, so that padding costs little; rows
-    of one example each (`padded`) keep their batch's length, as padding a short example to the
-    longest would multiply its compute. Flash attention's flattened batches stay as they are:
-    its kernels take any total length."""
+    longest row of `datasets`; a None among them is no dataset). Packed rows are nearly full, so
+    that padding costs little; rows of one example each (`padded`) keep their batch's length, as
+    padding a short example to the longest would multiply its compute. Flash attention's
+    flattened batches stay as they are: its kernels take any total length."""
     if isinstance(collator, PackedCollator):
         if collator.mode == "flatten":
             return collator

@@ -268,8 +268,8 @@ def build_trainer(
 ) -> Trainer:
     if args.torch_compile:
         # Evaluation batches as many rows as training (`training_arguments`).
-        datasets = [train] if evaluation is None else [train, evaluation]
-        collator = compiled_collator(collator, datasets, args.per_device_train_batch_size)
+        rows = args.per_device_train_batch_size
+        collator = compiled_collator(collator, [train, evaluation], rows)
     trainer = Trainer(
         model=model,
         args=args,
