@@ -112,10 +112,7 @@ def read_dataset(principal: PrincipalDep, dataset_id: str) -> Dataset:
     """The dataset as it is now, for a route that only shows it or streams its file: read with
     no transaction, so that none stays open while a slow client downloads."""
     with read_session() as session:
-        dataset = owned_dataset(session, principal, dataset_id)
-    if dataset is None:
-        raise not_found("dataset", dataset_id)
-    return dataset
+        return get_dataset(session, principal, dataset_id)
 
 
 def get_job(session: SessionDep, principal: PrincipalDep, job_id: str) -> Job:
