@@ -91,18 +91,20 @@ _BLANK_FIRST_LINE: Final = re.compile(r"[^\S\n]*\n")
 _BLANK_LATER_LINE: Final = re.compile(r"\n(?=[^\S\n]*\n)")
 
 
-# The ASCII characters `str.isspace` accepts: a blank line of ASCII text is empty or starts with
-# one of them.
-_ASCII_SPACE: Final = np.array([code < 128 and chr(code).isspace() for code in range(256)])
+# Every ASCII character `str.isspace` accepts is a byte up to 0x20 (the space), so a blank line
+# of ASCII text is empty or starts with one.
+_SPACE: Final = ord(" ")
 
 
 def _ascii_lines(block: bytes) -> tuple[int, bool]:
     """The lines of an ASCII block that ends with a newline, and whether any of them may be
-    blank, found with numpy: no Python object per line."""
+    blank, found with numpy: no Python object per line. A line that starts with any byte up to
+    0x20 may be blank (a compare, not a lookup per line); only then is the exact count run."""
     data = np.frombuffer(block, dtype=np.uint8)
     newline = data == ord("\n")
-    line_starts = data[1:][newline[:-1]]  # the first byte of every line after the first
-    may_have_blanks = bool(_ASCII_SPACE[data[0]]) or bool(_ASCII_SPACE[line_starts].any())
+    low_starts = data[1:] <= _SPACE  # kept only where a line starts: after a newline
+    np.logical_and(newline[:-1], low_starts, out=low_starts)
+    may_have_blanks = bool(data[0] <= _SPACE) or bool(low_starts.any())
     return int(np.count_nonzero(newline)), may_have_blanks
 
 
