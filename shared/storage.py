@@ -64,7 +64,9 @@ def path(key: str) -> Path:
 
 @contextmanager
 def open_write(key: str) -> Iterator[BinaryIO]:
-    """Write a file whole: it appears under `key` only if the block ends without an error."""
+    """Write a file whole: it appears under `key` only if the block ends without an error, and
+    once the block has ended it is on disk, name included: a row committed after it never
+    points to a file that a crash took back."""
     final = path(key)
     final.parent.mkdir(parents=True, exist_ok=True)
     partial = final.with_name(f".{final.name}.{uuid.uuid4().hex}{_PARTIAL_SUFFIX}")
@@ -74,6 +76,7 @@ def open_write(key: str) -> Iterator[BinaryIO]:
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(partial, final)
+        fsync_path(final.parent)
     finally:
         partial.unlink(missing_ok=True)
 
