@@ -94,9 +94,9 @@ def _sync_file_range() -> Callable[..., int] | None:
 def start_writeback(stream: BinaryIO) -> bool:
     """Have the disk start on what is written to `stream` so far, without waiting for it.
 
-    Called every few dozen MiB of a long write, it keeps the disk busy while the data still arrives,
-    so the fsync that ends `open_write` has little left to flush. Only a hint: False where it
-    could not be given (not Linux, not a file); the fsync still writes and checks everything.
+    Called every few dozen MiB of a long write, it keeps the disk busy while the data still
+    arrives, so the fsync that ends `open_write` has little left to flush. Only a hint: False
+    where it could not be given (not Linux, not a file); the fsync still writes and checks all.
     """
     sync_file_range = _sync_file_range()
     if sync_file_range is None:
