@@ -43,7 +43,9 @@ class TestDiskFull:
     ) -> None:
         worker = stack.start_worker("worker")
         stack.wait_ready("worker", worker)
-        job_id = stack.create_job()
+        # Long enough to reach the next checkpoint: 300 steps can end before it on a fast machine,
+        # and the full disk then fails the packaging instead.
+        job_id = stack.create_job(max_steps=3000)
         steps = wait_for(lambda: stack.checkpoint_steps(job_id), timeout=90, what="a checkpoint")
         folder = stack.storage / "checkpoints" / job_id / f"step-{steps[0]:09d}"
         manifest = json.loads((folder / "checkpoint.json").read_text())
