@@ -51,9 +51,6 @@ Limit = Annotated[int, Query(ge=1, le=100)]
 BATCH_BYTES = 1024 * 1024
 # File bytes that may still be on their way to storage while the next batch is parsed.
 STORE_BACKLOG_BYTES = 8 * BATCH_BYTES
-# File bytes written between two `storage.start_writeback` calls: the disk works on the file
-# while it arrives instead of in the fsync after the last byte (a third of a second per GiB).
-WRITEBACK_BYTES = 32 * BATCH_BYTES
 # What a body may carry besides the file's bytes: boundaries, part headers, the format field.
 FORM_OVERHEAD_BYTES = 64 * 1024
 MAX_FIELD_BYTES = 64
@@ -131,9 +128,8 @@ class _Upload:
         # `STORE_BACKLOG_BYTES` may still be on their way when the next batch is parsed.
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="upload-hash")
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="upload-write")
-        self._stores: deque[tuple[int, Future[None], Future[None]]] = deque()
+        self._stores: deque[tuple[int, Future[None], Future[int]]] = deque()
         self._backlog_bytes = 0
-        self._bytes_since_writeback = 0
         self._files = ExitStack()
         self._sink: BinaryIO | None = None
         self._part: str | None = None
@@ -181,19 +177,10 @@ class _Upload:
             (
                 len(piece),
                 self._hasher.submit(self.sha256.update, piece),
-                self._writer.submit(self._write, piece),
+                self._writer.submit(self._sink.write, piece),
             )
         )
         self._backlog_bytes += len(piece)
-
-    def _write(self, piece: bytes) -> None:
-        """On the writer thread, in order."""
-        assert self._sink is not None
-        self._sink.write(piece)
-        self._bytes_since_writeback += len(piece)
-        if self._bytes_since_writeback >= WRITEBACK_BYTES:
-            self._bytes_since_writeback = 0
-            storage.start_writeback(self._sink)
 
     def _settle(self, backlog: int) -> None:
         """Wait until at most `backlog` bytes are still being stored, and raise the first

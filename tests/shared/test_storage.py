@@ -1,7 +1,7 @@
 """shared/storage.py: the disk can be started on a long write before the fsync that ends it.
 
-The upload that calls it every 32 MiB is checked whole (bytes and SHA-256 of what was stored) in
-tests/api/test_upload_memory.py.
+`open_write` calls it every 32 MiB; an upload through it is checked whole (bytes and SHA-256 of
+what was stored) in tests/api/test_upload_memory.py.
 """
 
 import os
