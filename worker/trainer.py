@@ -213,6 +213,21 @@ def logging_steps(total_steps: int) -> int:
     return max(1, total_steps // 50)
 
 
+def loader_arguments(cuda: bool) -> dict[str, Any]:
+    """How Trainer loads batches: in the training process itself, pinned on a GPU.
+
+    A job trains inside a Celery pool process, which is daemonic and may not start children: a
+    loader with worker processes fails at its first batch ("daemonic processes are not allowed
+    to have children"). None is needed: blocks and packed rows are arrays in memory, cheap to
+    batch while the device still runs the step before, and a pinned batch is copied to the
+    device without blocking the host (`non_blocking`)."""
+    return {
+        "dataloader_num_workers": 0,
+        "dataloader_pin_memory": cuda,
+        "accelerator_config": {"non_blocking": True} if cuda else None,
+    }
+
+
 def training_arguments(
     hp: Hyperparameters, output_dir: Path, total_steps: int
 ) -> TrainingArguments:
@@ -244,17 +259,11 @@ def training_arguments(
         report_to="none",
         disable_tqdm=True,
         # Fused AdamW on either device (on a CPU it halves the optimizer step against the
-        # foreach one). On a GPU: TF32 for the fp32 matmuls bf16 autocast leaves, and loader
-        # workers with pinned memory so host-to-device copies overlap the step. On a CPU the
-        # rows are arrays in memory and loader processes would only add start-up time.
+        # foreach one); on a GPU, TF32 for the fp32 matmuls bf16 autocast leaves.
         tf32=True if ampere else None,
         optim="adamw_torch_fused",
         torch_compile=hp.compile,
-        dataloader_num_workers=2 if cuda else 0,
-        dataloader_persistent_workers=cuda,
-        dataloader_prefetch_factor=4 if cuda else None,
-        dataloader_pin_memory=cuda,
-        accelerator_config={"non_blocking": True} if cuda else None,
+        **loader_arguments(cuda),
     )
 
 
@@ -306,10 +315,14 @@ class JobCallback(TrainerCallback):
         self._tokens_per_second: float | None = None
         self._seconds_per_step: float | None = None
 
-    def progress(self, state: TrainerState) -> dict[str, Any]:
+    def progress(self, state: TrainerState, *, logged: bool = False) -> dict[str, Any]:
+        """Where training stands. The rate is measured from one logged step to the next: at
+        each, Trainer has read the loss on the host, so the device has done every step between
+        them. Between logged steps the host runs ahead of the device, and its clock says nothing
+        about the device's (one step timed that way on a GPU read half the true rate)."""
         now, step = time.monotonic(), state.global_step
         since, since_step = self._rate_at
-        if step > since_step and now > since:
+        if logged and step > since_step and now > since:
             self._seconds_per_step = (now - since) / (step - since_step)
             self._tokens_per_second = self.tokens_per_step / self._seconds_per_step
             self._rate_at = (now, step)
@@ -381,7 +394,7 @@ class JobCallback(TrainerCallback):
         # Only training logs become rows here; evaluations are recorded by the pipeline.
         if not logs or "loss" not in logs or self.lease.should_stop:
             return control
-        progress = self.progress(state)
+        progress = self.progress(state, logged=True)
         row = JobMetric(
             job_id=self.lease.job_id,
             step=state.global_step,
