@@ -9,7 +9,9 @@ only the callback's own work is measured). The data are random token ids in `Pac
 FLOPs per token = 6 N + 12 L H Q T (N: parameters without the position embeddings; L layers,
 H heads, Q head size, T block size), as in PaLM appendix B and nanoGPT's `estimate_mfu`.
 Timing starts after `--warmup` steps (compile and allocator warm-up) and ends at the last step,
-with one device synchronisation at each end and none in between.
+with one device synchronisation at each end and none in between but the loss the trainer logs:
+it logs as often as a job of `--job-steps` steps does (about fifty times a job), so the timed
+steps are a window of such a job.
 Each service run also reports its first step's seconds, from `trainer.train()` on: with
 `--compile`, what compiling the training graph costs.
 
@@ -45,6 +47,8 @@ from typing import Any
 import torch
 from _common import median, print_header, print_table
 from gpu_reference import MinimalGPT, bare_training
+from lean_loss import lean_causal_lm_loss
+from torch.autograd import DeviceType
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback
@@ -143,12 +147,42 @@ class StepProfiler(TrainerCallback):
         self.profiler.stop()
 
     def report(self) -> str:
-        """Top operators by device time, and the device's busy share of the profiled steps."""
-        events = self.profiler.key_averages()
-        sort_by = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-        busy_us = sum(event.self_device_time_total for event in events)
-        table = events.table(sort_by=sort_by, row_limit=30)
-        return f"device time per step: {busy_us / self.active / 1e3:.2f} ms\n{table}"
+        """The device's busy time per profiled step by kind of kernel, then the top operators.
+
+        Only the device's own kernels are summed: each is also listed under the host call that
+        launched it, and the profiler marks each step on the device's timeline too."""
+        cuda = torch.cuda.is_available()
+        kernels = [
+            event
+            for event in self.profiler.events()
+            if event.device_type != DeviceType.CPU and not event.name.startswith("ProfilerStep")
+        ]
+        by_kind = Counter[str]()
+        for kernel in kernels:
+            by_kind[kernel_kind(kernel.name)] += kernel.device_time_total
+        busy_us = max(1, sum(by_kind.values()))
+        kinds = "".join(
+            f"\n  {kind:10s} {us / 1e3 / self.active:8.2f} ms  {us / busy_us:6.1%}"
+            for kind, us in by_kind.most_common()
+        )
+        sort_by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        table = self.profiler.key_averages().table(sort_by=sort_by, row_limit=30)
+        return f"device busy per step: {busy_us / 1e3 / self.active:.2f} ms{kinds}\n\n{table}"
+
+
+# Kinds of device kernels, by a part of the kernel's name; the first that matches wins.
+KERNEL_KINDS = (
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "splitk")),
+    ("optimizer", ("multi_tensor", "adam")),  # the fused AdamW step and the clipping norms
+    ("copy", ("memcpy", "memset")),
+    ("triton", ("triton",)),  # inductor's fused elementwise, norms, loss
+)
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, parts in KERNEL_KINDS if any(p in lowered for p in parts)), "other")
 
 
 class HostSyncs(TrainerCallback):
@@ -260,6 +294,8 @@ def service_training(
 ) -> tuple[float, torch.nn.Module, dict[str, Any]]:
     """The job's path: seconds over the timed steps, the model, and the settings Trainer used."""
     base = load_saved_model(models, args)
+    if args.lean_loss:
+        base.model.loss_function = lean_causal_lm_loss
     if args.without_loss_type:  # as before 2026-11-30: a graph break in every compiled step
         base.model.loss_type = None
     hp = Hyperparameters(
@@ -272,13 +308,19 @@ def service_training(
     tokens_per_step = args.batch_size * args.block_size
     callback = JobCallback(StandInLease(), tokens_per_step)  # type: ignore[arg-type]
     watch = Stopwatch(args.warmup, args.steps)
-    profiler = StepProfiler(args.warmup, 10) if profile else None
+    # Ten steps, or as many as follow the profiler's own two warm-up steps in a short run.
+    profiled_steps = max(1, min(10, args.steps - args.warmup - 2))
+    profiler = StepProfiler(args.warmup, profiled_steps) if profile else None
     # The profiled run also counts host syncs, where CUDA can tell: its timing is not reported.
     cuda = torch.cuda.is_available()
     syncs = HostSyncs(args.warmup, debug_mode=True) if profile and cuda else None
     evaluate_seconds: float | None = None
     with tempfile.TemporaryDirectory() as output:
-        training_args = training_arguments(hp, Path(output), args.steps)
+        training_args = training_arguments(hp, Path(output), args.job_steps)
+        if args.loader_workers:  # as before 2026-12-04 (a job can't: its process is daemonic)
+            training_args.dataloader_num_workers = args.loader_workers
+            training_args.dataloader_persistent_workers = True
+            training_args.dataloader_prefetch_factor = 4
         ids = random_blocks(args, config)
         blocks = PackedBlocks(ids)
         trainer = build_trainer(base.model, training_args, blocks, None, [callback])
@@ -313,7 +355,7 @@ def reference_training(
     args: argparse.Namespace, models: Path, config: GPT2Config
 ) -> tuple[float, torch.nn.Module, dict[str, Any]]:
     """A hand-written loop over the same blocks, with the loader settings the service uses
-    (`worker.trainer.training_arguments`; built by hand, since building `TrainingArguments` here
+    (`worker.trainer.loader_arguments`; built by hand, since building `TrainingArguments` here
     would also set the process's TF32 mode and accelerate's state for this loop).
 
     `bare` loads the model as the service does, so that only the loop differs; `minimal` starts
@@ -328,15 +370,15 @@ def reference_training(
         reference.copy_gpt2_weights(model)
         model = reference
     cuda = torch.cuda.is_available()
-    loader = DataLoader(
+    loader = DataLoader(  # as `worker.trainer.loader_arguments` loads: no workers, pinned
         blocks,
         batch_size=args.batch_size,
         shuffle=True,
         generator=torch.Generator().manual_seed(0),
-        num_workers=2 if cuda else 0,
-        persistent_workers=cuda,
-        prefetch_factor=4 if cuda else None,
         pin_memory=cuda,
+        num_workers=args.loader_workers,
+        persistent_workers=args.loader_workers > 0,
+        prefetch_factor=4 if args.loader_workers else None,
     )
     with nullcontext(True) if minimal else attention(args, model, blocks) as causal:
         seconds, used = bare_training(
@@ -346,7 +388,7 @@ def reference_training(
             warmup=args.warmup,
             learning_rate=LEARNING_RATE,
             compile_model=args.compile,
-            log_every=logging_steps(args.steps),
+            log_every=logging_steps(args.job_steps),
         )
     loader_used = {"dataloader_workers": loader.num_workers, "pin_memory": cuda}
     return seconds, model, used | loader_used | {"attention": "causal" if causal else "masked"}
@@ -400,11 +442,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny config, few steps, any device")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument(
+        "--job-steps",
+        type=int,
+        default=None,
+        help="the steps are a window of a job this long, logged as often as it is (default: steps)",
+    )
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--block-size", type=int, default=None)
     parser.add_argument("--vocab-size", type=int, default=None, help="e.g. 50304 (padded)")
     parser.add_argument("--compile", action="store_true", help="the `compile` hyperparameter")
     parser.add_argument("--dropout", type=float, default=None, help="all three GPT-2 dropouts")
+    parser.add_argument(
+        "--loader-workers",
+        type=int,
+        default=0,
+        help="loader processes (a job has none: it trains in a daemonic pool process)",
+    )
     parser.add_argument(
         "--path",
         choices=list(PATHS),
@@ -418,6 +472,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--without-loss-type",
         action="store_true",
         help="the service's model without the loss type the loader now sets (the old graph break)",
+    )
+    parser.add_argument(
+        "--lean-loss",
+        action="store_true",
+        help="train with `lean_loss.py`'s loss, not transformers' (a candidate for the service)",
     )
     parser.add_argument(
         "--stock-attention",
@@ -440,6 +499,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     smoke = args.smoke
     args.steps = args.steps or (6 if smoke else 150)
     args.warmup = args.warmup or (2 if smoke else 20)
+    args.job_steps = args.job_steps or args.steps
     args.batch_size = args.batch_size or (2 if smoke else 32)
     args.block_size = args.block_size or (64 if smoke else 1024)
     args.runs = args.runs or (1 if smoke else 3)

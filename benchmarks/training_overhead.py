@@ -106,7 +106,7 @@ MARKS = [
 ]
 
 
-def _marks(events: list[tuple[str, datetime]]) -> dict[str, datetime]:
+def stage_marks(events: list[tuple[str, datetime]]) -> dict[str, datetime]:
     found: dict[str, datetime] = {}
     for message, at in events:
         for label, prefix in MARKS:
@@ -180,7 +180,7 @@ def run_service(
             )
         }
     engine.dispose()
-    marks = _marks(events)
+    marks = stage_marks(events)
     first, last = min(steps), max(steps)
     tokens_per_step = args.batch_size * args.block_size
     window = (steps[last] - steps[first]).total_seconds()

@@ -111,11 +111,12 @@ class FullBatches:
 
     torch.compile specialises its graph to the batch's shape, and a batch of another shape makes
     it compile again, with that size left dynamic from then on: a job with validation compiled
-    up to four graphs, and one without compiled again in the middle of training (BENCHMARKS.md
-    section 6). Full batches of one length (`compiled_collator`) keep one static graph for
-    training and one for evaluation. The filler changes no loss and no gradient: the loss
-    averages over labelled tokens only, and Trainer's eval loop counts the last batch by the
-    rows the dataset has left, not by the rows it got.
+    up to four graphs, and one without compiled again in the middle of training
+    (`tests/worker/test_full_batches.py` counts them). Full batches of one length
+    (`compiled_collator`) keep one static graph for training and one for evaluation. The
+    filler changes no loss and no gradient: the loss averages over labelled tokens only, and
+    Trainer's eval loop counts the last batch by the rows the dataset has left, not by the rows
+    it got.
     """
 
     def __init__(self, collate: Collate, rows: int) -> None:

@@ -121,3 +121,44 @@ def test_a_baseline_eval_with_a_short_last_batch_compiles_one_graph_beside_train
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
     assert result["evaluate_seconds"] > 0
     assert result["first_step_seconds"] > 0
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_the_lean_loss_gives_transformers_loss_and_gradients(
+    benchmarks: tuple[ModuleType, ModuleType], compiled: bool
+) -> None:
+    from lean_loss import lean_causal_lm_loss
+
+    # No dropout: both runs must compute the same function.
+    config = GPT2Config(
+        n_layer=2,
+        n_head=4,
+        n_embd=64,
+        n_positions=32,
+        vocab_size=97,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    ids = torch.randint(0, 97, (3, 32), generator=torch.manual_seed(0))
+    labels = ids.clone()
+    labels[:, :7] = -100  # a prompt left out of the loss, as in prompt/completion rows
+    labelled = torch.tensor(3 * (32 - 7 - 1))  # what Trainer passes: the shifted labels counted
+
+    def loss_and_gradients(lean: bool, items: torch.Tensor | None) -> list[torch.Tensor]:
+        torch.manual_seed(1)
+        model = GPT2LMHeadModel(config).train()
+        model.loss_type = "ForCausalLM"  # as `load_base_model` sets it: no graph break
+        if lean:
+            model.loss_function = lean_causal_lm_loss
+        forward = torch.compile(model, fullgraph=True) if compiled else model
+        loss = forward(input_ids=ids, labels=labels, num_items_in_batch=items).loss
+        loss.backward()
+        return [loss.detach(), *(p.grad for p in model.parameters())]
+
+    # Trainer's sum over the labelled tokens / their count; eager also the mean of a bare call.
+    for items in (labelled,) if compiled else (labelled, None):
+        stock, lean = loss_and_gradients(False, items), loss_and_gradients(True, items)
+        assert len(stock) == len(lean)
+        for expected, got in zip(stock, lean, strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
