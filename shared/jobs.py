@@ -198,9 +198,15 @@ def mark_cancelled(session: Session, job_id: str, attempt: int) -> bool:
     )
 
 
-def requeue(session: Session, job_id: str, attempt: int, reason: str) -> bool:
+def requeue(
+    session: Session, job_id: str, attempt: int, reason: str, *, lost: bool = False
+) -> bool:
     """Hand a running job back to the queue so that another attempt resumes it; refused once a
-    cancel was requested (the job is to end cancelled, not run again)."""
+    cancel was requested (the job is to end cancelled, not run again). A `lost` attempt (its
+    worker stopped answering) counts against `max_attempts`; a handed-back one does not."""
+    values: dict[str, Any] = {"heartbeat_at": None, "enqueued_at": utcnow()}
+    if lost:
+        values["lost_attempts"] = Job.lost_attempts + 1
     return _transition(
         session,
         job_id,
@@ -210,7 +216,7 @@ def requeue(session: Session, job_id: str, attempt: int, reason: str) -> bool:
         level="warning",
         attempt=attempt,
         cancel_requested=False,
-        values={"heartbeat_at": None, "enqueued_at": utcnow()},
+        values=values,
     )
 
 

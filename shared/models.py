@@ -108,7 +108,11 @@ class Job(Base):
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSON)
     progress: Mapped[dict[str, Any]]
     metrics: Mapped[dict[str, Any]]
+    # Claims so far; each claim's number fences its writes (`... WHERE attempt = ours`).
     attempt: Mapped[int] = mapped_column(Integer, default=0)
+    # Attempts whose worker stopped answering. Only these count against `max_attempts`: a
+    # worker that hands a job back on its way down loses nothing.
+    lost_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     resumed_from_step: Mapped[int | None] = mapped_column(Integer)
     error: Mapped[dict[str, Any] | None]
     plan: Mapped[dict[str, Any] | None]

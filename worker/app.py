@@ -32,7 +32,13 @@ def _start_sweeper(**_: object) -> None:
 @worker_shutting_down.connect
 def _hand_back_running_job(**_: object) -> None:
     # A warm shutdown waits for the running task; tell it to checkpoint and hand the job back
-    # rather than train to the end (or be killed when the grace period runs out).
+    # rather than train to the end (or be killed when the grace period runs out). Marked here
+    # too, a pool process forked from now on (billiard replaces one that exits) claims nothing.
+    # Once is enough: Ctrl-C reaches the worker twice under `tunery up` (the terminal's SIGINT,
+    # then `tunery up`'s SIGTERM), and a second signal would kill the now idle pool process.
+    if shutdown.requested():
+        return
+    shutdown.request()
     shutdown.forward_to_pool_children()
 
 

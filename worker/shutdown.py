@@ -41,12 +41,12 @@ def _on_sigterm(_signum: int, _frame: FrameType | None) -> None:
 
 @contextmanager
 def hand_back_on_sigterm() -> Iterator[None]:
-    """Around one training task: SIGTERM asks the job to stop at a step boundary.
+    """Around one training task: SIGTERM asks the job to stop at a step boundary. The request
+    outlives the task: a process asked to stop claims no other job.
 
     Installed per task, not at process start: billiard resets a pool child's signal handlers
     after Celery's init hooks, and an idle child should still just exit on SIGTERM.
     """
-    _requested.clear()
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         yield

@@ -79,26 +79,32 @@ def _recover_stale(report: SweepReport) -> None:
     with session_scope() as session:
         # A job claimed but never heartbeated counts from its start.
         stale = session.execute(
-            select(Job.id, Job.attempt, Job.cancel_requested).where(
+            select(Job.id, Job.attempt, Job.lost_attempts, Job.cancel_requested).where(
                 Job.status == jobs.RUNNING, func.coalesce(Job.heartbeat_at, Job.started_at) < cutoff
             )
         ).all()
-    for job_id, attempt, cancel_requested in stale:
+    for job_id, attempt, lost_before, cancel_requested in stale:
+        lost = lost_before + 1  # this attempt too
         with session_scope() as session:
             if cancel_requested:
                 if jobs.mark_cancelled(session, job_id, attempt):
                     report.cancelled.append(job_id)
-            elif attempt >= settings.max_attempts:
+            elif lost >= settings.max_attempts:
                 error = {
                     "code": "worker_lost",
-                    "message": f"the worker stopped answering on attempt {attempt} of "
-                    f"{settings.max_attempts}",
+                    "message": f"the worker stopped answering; {lost} of "
+                    f"{settings.max_attempts} attempts were lost",
                     "user_error": False,
                 }
                 if jobs.mark_failed(session, job_id, error, attempt=attempt):
                     report.failed.append(job_id)
             elif jobs.requeue(
-                session, job_id, attempt, f"no heartbeat from its worker for {timeout:g} s"
+                session,
+                job_id,
+                attempt,
+                f"no heartbeat from its worker for {timeout:g} s ({lost} of "
+                f"{settings.max_attempts} attempts lost)",
+                lost=True,
             ):
                 report.requeued.append(job_id)
     for job_id in report.failed + report.cancelled:  # after the commit: nothing resumes them

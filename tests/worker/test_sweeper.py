@@ -93,7 +93,10 @@ class TestSweep:
         assert sweep().requeued == [job_id]
         job = row(job_id)
         assert job.status == "queued" and job.heartbeat_at is None and job.attempt == 1
-        assert "no heartbeat from its worker for 60 s" in messages(job_id)[-1]
+        assert job.lost_attempts == 1
+        assert (
+            "no heartbeat from its worker for 60 s (1 of 2 attempts lost)" in messages(job_id)[-1]
+        )
         with session_scope() as session:
             assert jobs.claim(session, job_id) == 2
 
@@ -136,9 +139,25 @@ class TestSweep:
         assert job.status == "failed" and job.attempt == 2
         assert job.error == {
             "code": "worker_lost",
-            "message": "the worker stopped answering on attempt 2 of 2",
+            "message": "the worker stopped answering; 2 of 2 attempts were lost",
             "user_error": False,
         }
+
+    def test_a_handed_back_attempt_costs_the_job_nothing(self, sweeper_settings):
+        # Three clean hand-backs (a worker stopped three times, as by Ctrl-C), then one lost
+        # attempt: with two allowed, the job is re-queued, not failed as "attempt 4 of 2".
+        job_id = new_job()
+        for _ in range(3):
+            with session_scope() as session:
+                attempt = jobs.claim(session, job_id)
+                assert jobs.hand_back(session, job_id, attempt, "the worker is shutting down")
+        with session_scope() as session:
+            assert jobs.claim(session, job_id) == 4
+        age(job_id, 61, "heartbeat_at")
+
+        assert sweep().requeued == [job_id]
+        job = row(job_id)
+        assert (job.status, job.attempt, job.lost_attempts) == ("queued", 4, 1)
 
 
 def uploaded(client: TestClient, headers: dict[str, str], text: str) -> Dataset:
