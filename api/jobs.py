@@ -14,7 +14,7 @@ from api.base_models import local_config, max_positions
 from api.deps import JobDep, JobSnapshotDep, PrincipalDep, SessionDep, owned_dataset
 from api.errors import RESOURCE_ERRORS, APIError, documented
 from api.pagination import list_of, newest_first
-from shared import checkpoints
+from shared import checkpoints, workers
 from shared import jobs as job_states
 from shared.models import Job, JobEvent, JobMetric
 from shared.queue import send_train
@@ -136,6 +136,13 @@ def create_job(
     )
     try:
         job_states.add_queued(session, job)
+        if not workers.alive(session):
+            job_states.add_event(
+                session,
+                job.id,
+                "no worker is alive: the job waits in the queue until one starts",
+                level="warning",
+            )
         session.commit()
     except IntegrityError:
         # Another request with the same Idempotency-Key committed first.

@@ -1,6 +1,7 @@
 """The `tunery` command: `up` for the embedded service, and the production pieces."""
 
 import argparse
+import importlib.util
 import logging
 import os
 import signal
@@ -8,8 +9,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Sequence
-from typing import NoReturn
 
 from sqlalchemy import func, inspect, select
 
@@ -65,7 +66,31 @@ def _api(args: argparse.Namespace) -> int:
     return 0
 
 
-def _worker(args: argparse.Namespace) -> NoReturn:
+# What a worker imports beyond the API's install: the `worker` extra.
+TRAINING_PACKAGES = ("torch", "transformers", "accelerate", "peft", "safetensors", "tokenizers")
+
+
+def missing_training_packages() -> list[str]:
+    return [name for name in TRAINING_PACKAGES if importlib.util.find_spec(name) is None]
+
+
+def _needs_training_packages(command: str) -> int | None:
+    """Exit status 2 with one line where the worker extra is not installed (the API's install
+    has only the API's packages), else None."""
+    missing = missing_training_packages()
+    if not missing:
+        return None
+    print(
+        f"tunery {command} trains models and needs the worker extra ({', '.join(missing)} "
+        "missing): pip install 'tunery[worker]'",
+        file=sys.stderr,
+    )
+    return 2
+
+
+def _worker(args: argparse.Namespace) -> int:
+    if (status := _needs_training_packages("worker")) is not None:
+        return status
     from celery.bin.celery import celery
 
     migrate_if_empty()
@@ -108,18 +133,44 @@ def _stop(children: Sequence[subprocess.Popen[bytes]]) -> None:
             child.wait()
 
 
+def _port_taken(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def _answers(host: str, port: int) -> bool:
+    """Whether the API answers on its port (a wildcard host is asked on loopback)."""
+    address = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    address = f"[{address}]" if ":" in address else address
+    try:
+        with urllib.request.urlopen(f"http://{address}:{port}/healthz", timeout=1) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
 def _up(args: argparse.Namespace) -> int:
+    if (status := _needs_training_packages("up")) is not None:
+        return status
+    if _port_taken(args.host, args.port):
+        print(
+            f"tunery up: port {args.port} on {args.host} is in use; stop what holds it, or "
+            "choose another with --port",
+            file=sys.stderr,
+        )
+        return 1
     migrate_if_empty()
     with session_scope() as session:
         if session.scalar(select(func.count()).select_from(ApiKey)) == 0:
             token = create_key(session, "default", "default")
             print("Created an API key for project 'default' (shown only once):")
             print(token, flush=True)
-    command = [sys.executable, "-m", "shared.cli"]
-    children = [
-        subprocess.Popen([*command, "api", "--host", args.host, "--port", str(args.port)]),
-        subprocess.Popen([*command, "worker"]),
-    ]
     stopping = False
 
     def request_stop(_signum: int, _frame: object) -> None:
@@ -128,9 +179,23 @@ def _up(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
-    print(f"Tunery is up on http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
-    while not stopping and all(child.poll() is None for child in children):
+    command = [sys.executable, "-m", "shared.cli"]
+    api = subprocess.Popen([*command, "api", "--host", args.host, "--port", str(args.port)])
+    children = [api, subprocess.Popen([*command, "worker"])]
+
+    def running() -> bool:
+        return not stopping and all(child.poll() is None for child in children)
+
+    # Up means answering: the port can still be taken between the check above and the bind.
+    while running() and not _answers(args.host, args.port):
         time.sleep(0.2)
+    if running():
+        print(f"Tunery is up on http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
+    while running():
+        time.sleep(0.2)
+    if not stopping:
+        which = "API" if api.poll() is not None else "worker"
+        print(f"tunery up: the {which} stopped (see above); stopping the rest", file=sys.stderr)
     _stop(children)
     return 0 if stopping else 1
 

@@ -1,4 +1,5 @@
-"""The tables: projects, API keys, datasets, jobs, and each job's events and metrics."""
+"""The tables: projects, API keys, datasets, jobs, each job's events and metrics, and the
+workers alive."""
 
 from datetime import UTC, datetime
 from typing import Any
@@ -159,3 +160,13 @@ class JobMetric(Base):
     tokens_per_second: Mapped[float | None] = mapped_column(Float)
     eval_loss: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Worker(Base):
+    """A worker process that is, or was lately, alive: it beats every sweep (`shared.workers`)."""
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -4,6 +4,7 @@
 """
 
 import gc
+import logging
 import threading
 
 from celery.signals import (
@@ -13,12 +14,14 @@ from celery.signals import (
     worker_shutting_down,
 )
 
-from shared.db import get_engine
+from shared import workers
+from shared.db import get_engine, session_scope
 from shared.queue import celery_app
 from worker import shutdown, tasks  # noqa: F401  (tasks registers jobs.train)
 from worker.sweeper import start_in_background
 from worker.trainer import keep_freed_training_memory
 
+logger = logging.getLogger(__name__)
 app = celery_app()
 _sweeper_stop: threading.Event | None = None
 
@@ -26,7 +29,7 @@ _sweeper_stop: threading.Event | None = None
 @worker_ready.connect
 def _start_sweeper(**_: object) -> None:
     global _sweeper_stop
-    _sweeper_stop = start_in_background()
+    _sweeper_stop = start_in_background(workers.this_worker())
 
 
 @worker_shutting_down.connect
@@ -46,6 +49,11 @@ def _hand_back_running_job(**_: object) -> None:
 def _stop_sweeper(**_: object) -> None:
     if _sweeper_stop is not None:
         _sweeper_stop.set()
+    try:  # one worker fewer for /readyz at once, not a heartbeat timeout later
+        with session_scope() as session:
+            workers.forget(session, workers.this_worker())
+    except Exception:
+        logger.warning("could not remove this worker from the workers table", exc_info=True)
 
 
 @worker_process_init.connect

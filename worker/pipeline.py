@@ -11,9 +11,7 @@ complete checkpoint; the checkpoints are deleted once the job has ended.
 
 import gc
 import logging
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -36,7 +34,7 @@ from shared.models import Dataset, Job, JobMetric, utcnow
 from shared.queue import send_train
 from shared.schemas import Hyperparameters, JobMetricRead, JobMetrics, JobRead
 from shared.settings import get_settings
-from worker import artifacts, leftovers, shutdown
+from worker import artifacts, leftovers, shutdown, work_folders
 from worker.attention import causal_attention
 from worker.checkpoints import CheckpointCallback, restore_newest
 from worker.data import PreparedData
@@ -97,7 +95,7 @@ def run(job_id: str, attempt: int) -> None:
     disable_progress_bars()
     lease = Lease(job_id, attempt)
     try:
-        with _workdir(job_id) as workdir:
+        with work_folders.for_attempt(job_id, attempt) as workdir:
             _train(lease, workdir)
     except LeaseLost:
         logger.warning("job %s attempt %s lost its claim; stopped without writing", job_id, attempt)
@@ -159,17 +157,6 @@ def _check(lease: Lease) -> None:
     lease.check()
     if shutdown.requested():
         raise HandBack("the worker is shutting down; the job resumes from its last checkpoint")
-
-
-@contextmanager
-def _workdir(job_id: str) -> Iterator[Path]:
-    # Under TUNERY_HOME rather than /tmp: a model's files can be larger than a tmpfs.
-    parent = get_settings().home.resolve() / "work"
-    parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(
-        prefix=f"{job_id}-", dir=parent, ignore_cleanup_errors=True
-    ) as folder:
-        yield Path(folder)
 
 
 def _load_rows(job_id: str) -> tuple[Job | None, Dataset | None, Dataset | None]:

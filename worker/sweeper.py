@@ -1,6 +1,8 @@
 """The sweeper: the database is the truth, so it repairs what the queue and dead workers lose,
-clears from this worker's token cache what deleted datasets left behind, and, once an hour,
-removes the files in storage and in the Hub cache that dead processes left.
+clears from this worker's token cache what deleted datasets left behind, removes the work
+folders of attempts that no longer run, and, once an hour, removes the files in storage and in
+the Hub cache that dead processes left. Each round is also the worker's heartbeat
+(`shared.workers`), which tells the API whether any worker is alive.
 
 It runs in every `tunery worker` (and so in `tunery up`). Several sweepers at once are fine:
 each action is a conditional update that only one of them wins, or a deletion that may be
@@ -15,12 +17,12 @@ from datetime import timedelta
 
 from sqlalchemy import func, select, update
 
-from shared import jobs
+from shared import jobs, workers
 from shared.db import read_session, session_scope
 from shared.models import Dataset, Job, utcnow
 from shared.queue import send_train
 from shared.settings import get_settings
-from worker import hub, leftovers, token_cache
+from worker import hub, leftovers, token_cache, work_folders
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +37,7 @@ class SweepReport:
     failed: list[str] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
     uncached: list[str] = field(default_factory=list)  # token cache entries removed
+    work_folders: list[str] = field(default_factory=list)  # of attempts that no longer run
     removed: list[str] = field(default_factory=list)  # storage keys of leftovers
     abandoned_downloads: list[str] = field(default_factory=list)  # in the Hub cache
 
@@ -134,6 +137,7 @@ def sweep(*, storage_leftovers: bool = False) -> SweepReport:
     _resend_unclaimed(report)
     _recover_stale(report)
     _trim_token_cache(report)
+    report.work_folders = work_folders.remove_abandoned()
     if storage_leftovers:
         report.removed = leftovers.remove()
         report.abandoned_downloads = hub.remove_abandoned_downloads()
@@ -142,10 +146,21 @@ def sweep(*, storage_leftovers: bool = False) -> SweepReport:
     return report
 
 
-def run_forever(stop: threading.Event) -> None:
+def _beat(worker: str) -> None:
+    try:
+        with session_scope() as session:
+            workers.beat(session, worker)
+            workers.remove_long_gone(session)
+    except Exception:
+        logger.warning("could not record this worker's heartbeat", exc_info=True)
+
+
+def run_forever(stop: threading.Event, worker: str) -> None:
     interval = get_settings().sweep_interval_s
     leftovers_due = time.monotonic()  # at the first round too: a worker restarts after a crash
+    _beat(worker)
     while not stop.wait(interval):
+        _beat(worker)
         try:
             storage_leftovers = time.monotonic() >= leftovers_due
             sweep(storage_leftovers=storage_leftovers)
@@ -156,7 +171,9 @@ def run_forever(stop: threading.Event) -> None:
             logger.warning("sweep failed; retrying in %g s", interval, exc_info=True)
 
 
-def start_in_background() -> threading.Event:
+def start_in_background(worker: str) -> threading.Event:
     stop = threading.Event()
-    threading.Thread(target=run_forever, args=(stop,), name="tunery-sweeper", daemon=True).start()
+    threading.Thread(
+        target=run_forever, args=(stop, worker), name="tunery-sweeper", daemon=True
+    ).start()
     return stop

@@ -8,8 +8,10 @@ from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, make_url, text
 
 from api.job_reads import APPLICATION_NAME
+from shared import jobs as job_states
 from shared.settings import get_settings
 from tests.conftest import POSTGRES_ADMIN_URL
+from tests.rows import queued_job
 
 
 def app_with(monkeypatch: pytest.MonkeyPatch, **environment: str) -> TestClient:
@@ -31,7 +33,14 @@ class TestHealthz:
 class TestReadyz:
     def test_ready(self, client):
         response = client.get("/readyz")
-        assert response.status_code == 200 and response.json() == {"status": "ready"}
+        assert response.status_code == 200 and response.json() == {"status": "ready", "workers": 0}
+
+    def test_counts_the_workers_that_beat_within_the_heartbeat_timeout(
+        self, client, settings, beating
+    ):
+        beating("gpu-host-1-100")
+        beating("gpu-host-2-200", seconds_ago=settings.heartbeat_timeout_s + 1)  # silent
+        assert client.get("/readyz").json() == {"status": "ready", "workers": 1}
 
     def test_database_unreachable(self, settings, monkeypatch):
         client = app_with(
@@ -79,6 +88,26 @@ class TestMetrics:
         text = client.get("/metrics", headers=auth_headers).text
         assert "# TYPE tunery_http_requests_total counter" in text
         assert 'route="/jobs/{job_id}"' in text and 'status="404"' in text
+
+    def test_jobs_by_status_and_each_workers_last_heartbeat(self, client, auth_headers, beating):
+        def gauges() -> dict[str, float]:
+            text = client.get("/metrics", headers=auth_headers).text
+            return {
+                line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith(("tunery_jobs{", "tunery_worker_last_heartbeat"))
+            }
+
+        before = gauges()
+        queued_job()
+        beating("gpu-host-1-100", seconds_ago=5)
+        after = gauges()
+
+        assert set(before) >= {f'tunery_jobs{{status="{s}"}}' for s in job_states.STATUSES}
+        queued = 'tunery_jobs{status="queued"}'
+        assert after[queued] == before[queued] + 1
+        heartbeat = after['tunery_worker_last_heartbeat_timestamp_seconds{worker="gpu-host-1-100"}']
+        assert time.time() - heartbeat == pytest.approx(5, abs=2)
 
     def test_metrics_need_a_key_like_every_route_but_health_and_docs(self, client):
         response = client.get("/metrics")

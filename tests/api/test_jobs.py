@@ -33,6 +33,18 @@ def claim(job_id: str) -> int:
 
 
 class TestCreateJob:
+    def test_a_job_nobody_will_train_says_so(self, client, auth_headers, dataset_id, beating):
+        def warned(job_id: str) -> bool:
+            events = client.get(f"/jobs/{job_id}/events", headers=auth_headers).json()["data"]
+            return any(e["message"].startswith("no worker is alive") for e in events)
+
+        alone = create(client, auth_headers, dataset_id=dataset_id).json()
+        beating("gpu-host-1-100")
+        served = create(client, auth_headers, dataset_id=dataset_id).json()
+
+        assert (warned(alone["id"]), warned(served["id"])) == (True, False)
+        assert alone["status"] == served["status"] == "queued"
+
     def test_minimal_body_gets_every_default_resolved(self, client, auth_headers, dataset_id):
         response = create(client, auth_headers, dataset_id=dataset_id)
         assert response.status_code == 201, response.text
@@ -83,8 +95,9 @@ class TestCreateJob:
         assert client.get(f"/jobs/{job['id']}", headers=auth_headers).json() == job
 
     def test_the_row_is_committed_and_its_creation_is_an_event(
-        self, client, auth_headers, dataset_id
+        self, client, auth_headers, dataset_id, beating
     ):
+        beating("gpu-host-1-100")  # else a warning says that no worker is alive
         job_id = create(client, auth_headers, dataset_id=dataset_id).json()["id"]
         with session_scope() as session:
             assert session.get(Job, job_id).status == "queued"
@@ -337,7 +350,8 @@ class TestCancelJob:
 
 
 class TestJobEvents:
-    def test_oldest_first_with_after(self, client, auth_headers, dataset_id):
+    def test_oldest_first_with_after(self, client, auth_headers, dataset_id, beating):
+        beating("gpu-host-1-100")  # else a warning says that no worker is alive
         job_id = create(client, auth_headers, dataset_id=dataset_id).json()["id"]
         with session_scope() as session:
             for number in range(3):

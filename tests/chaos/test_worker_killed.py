@@ -2,6 +2,7 @@
 of writing a checkpoint: another worker resumes from the newest complete checkpoint."""
 
 import signal
+from pathlib import Path
 
 from tests.chaos.conftest import WIDE, Stack, figures, now
 from tests.processes import wait_for
@@ -25,10 +26,21 @@ class TestKilledWorker:
         newest = stack.checkpoint_steps(job_id)[0]
         assert killed_at < 300, "the job finished before the kill; make it longer"
 
+        work = Path(stack.environment["TUNERY_HOME"]) / "work"
+        assert list(work.glob(f"{job_id}-1-*"))  # the first attempt's work folder
+
         stack.kill_group(first, signal.SIGKILL)
         killed = now()
         resumed = stack.wait_resumed(job_id, attempt=2)
         recovered_s = now() - killed
+        # What the killed attempt left in the work folder goes with the next sweep; the
+        # running attempt's folder stays.
+        wait_for(
+            lambda: not list(work.glob(f"{job_id}-1-*")),
+            timeout=30,
+            what="the sweep to remove the killed attempt's work folder",
+        )
+        assert list(work.glob(f"{job_id}-2-*")) or stack.row(job_id).status == "succeeded"
         finished = stack.client.wait(job_id, timeout=180)
         assert finished["status"] == "succeeded", stack.messages(job_id)
         assert finished["attempt"] == 2

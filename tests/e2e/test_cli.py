@@ -2,6 +2,7 @@
 
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -112,6 +113,50 @@ class TestUp:
         finally:
             if up.poll() is None:
                 up.kill()
+
+    def test_a_port_in_use_is_said_in_one_line_before_anything_starts(self, home):
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            done = subprocess.run(
+                [sys.executable, "-m", "shared.cli", "up", "--port", str(port)],
+                env=tunery_environment(home=str(home)),
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+        assert done.returncode == 1
+        assert "Tunery is up" not in done.stdout
+        [line] = done.stderr.splitlines()
+        assert f"port {port} on 127.0.0.1 is in use" in line
+        assert not home.exists()  # no database, no key, nothing
+
+    def test_up_is_said_once_the_api_answers_and_readyz_counts_its_worker(
+        self, home, tmp_path, models_dir
+    ):
+        port = free_port()
+        log = tmp_path / "up.log"
+        environment = tunery_environment(home=str(home), models_dir=str(models_dir))
+        with open(log, "wb") as output:
+            up = subprocess.Popen(
+                [sys.executable, "-m", "shared.cli", "up", "--port", str(port)],
+                env=environment,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            wait_for(lambda: "Tunery is up" in log.read_text(), timeout=90, what="tunery up")
+            # Said only once the API answers, not before.
+            assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
+            wait_for(
+                lambda: httpx.get(f"http://127.0.0.1:{port}/readyz").json()["workers"] == 1,
+                timeout=60,
+                what="the worker's first heartbeat",
+            )
+        finally:
+            up.send_signal(signal.SIGINT)
+            up.wait(timeout=60)
 
     def test_a_second_start_on_the_same_home_prints_no_new_key(self, home, tmp_path):
         environment = tunery_environment(home=str(home))

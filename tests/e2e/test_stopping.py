@@ -157,6 +157,13 @@ def test_ctrl_c_three_times_the_job_resumes_each_time_and_ends_as_if_never_stopp
     assert finished["metrics"]["eval_loss"] == pytest.approx(expected["eval_loss"], rel=1e-5)
 
 
+def _answers(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def test_sigterm_to_a_bare_worker_hands_its_job_to_the_next_one(
     environment: dict[str, str], tmp_path: Path
 ) -> None:
@@ -171,9 +178,15 @@ def test_sigterm_to_a_bare_worker_hands_its_job_to_the_next_one(
         wait_for(lambda: log.read_text().count(" ready.") > before, timeout=120, what="the worker")
         return workers[-1]
 
+    def workers_alive() -> int:
+        return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).json()["workers"]
+
     try:
         client = TuneryClient(f"http://127.0.0.1:{port}", make_key(environment))
+        wait_for(lambda: api.poll() is None and _answers(port), timeout=60, what="the API")
+        assert workers_alive() == 0
         first = worker()
+        wait_for(lambda: workers_alive() == 1, timeout=30, what="the worker's first beat")
         dataset_id = client.upload(learnable_text())["id"]
         expected = uninterrupted(client, dataset_id)
         job_id = create_job(client, dataset_id)
@@ -183,6 +196,7 @@ def test_sigterm_to_a_bare_worker_hands_its_job_to_the_next_one(
         signalled = time.monotonic()
         assert first.wait(timeout=STOP_S * 4) == 0
         assert time.monotonic() - signalled < STOP_S
+        assert workers_alive() == 0  # it said goodbye; no heartbeat timeout to wait for
         assert client.job(job_id)["status"] == "queued"
         checkpoint = handed_back_at(client, job_id)
 

@@ -159,6 +159,28 @@ class TestSweep:
         job = row(job_id)
         assert (job.status, job.attempt, job.lost_attempts) == ("queued", 4, 1)
 
+    def test_work_folders_go_once_their_attempt_no_longer_runs(self, sweeper_settings):
+        running, ended = new_job(), new_job()
+        with session_scope() as session:
+            jobs.claim(session, running)
+            jobs.requeue(session, running, 1, "its worker stopped answering", lost=True)
+            assert jobs.claim(session, running) == 2  # attempt 1 was lost, attempt 2 runs
+            jobs.mark_failed(session, ended, {"code": "x", "message": "x"}, source=jobs.QUEUED)
+        work = sweeper_settings.home / "work"
+        names = [
+            f"{running}-1-a1b2",  # the lost attempt's
+            f"{running}-2-c3d4",  # the running attempt's
+            f"{ended}-legacy",  # made before folders were named after their attempt
+            "job_nobody-1-e5f6",  # a job the database does not have
+            "notes",  # not ours
+        ]
+        for name in names:
+            (work / name).mkdir(parents=True)
+            (work / name / "weights.bin").write_bytes(b"0" * 1024)
+
+        assert sorted(sweep().work_folders) == sorted([names[0], names[2], names[3]])
+        assert sorted(p.name for p in work.iterdir()) == sorted([names[1], names[4]])
+
 
 def uploaded(client: TestClient, headers: dict[str, str], text: str) -> Dataset:
     with session_scope() as session:
