@@ -3,7 +3,9 @@ medians and result tables.
 
 Every benchmark runs as `python benchmarks/<name>.py` from the repository root; importing this
 module puts the repository root on `sys.path`, so `tests.processes` (how the end-to-end tests start
-real `tunery api` / `tunery worker` processes) is reused rather than copied.
+real `tunery api` / `tunery worker` processes) and `tests.servers` (a private PostgreSQL and Redis,
+started on first use: a benchmark touches none of the machine's own) are reused rather than
+copied.
 """
 
 import os
@@ -28,6 +30,7 @@ if str(ROOT) not in sys.path:
 
 from sqlalchemy import create_engine, text  # noqa: E402
 
+from tests import servers  # noqa: E402
 from tests.processes import (  # noqa: E402
     free_port,
     running_api,
@@ -62,10 +65,6 @@ __all__ = [
     "wait_for",
 ]
 
-POSTGRES_ADMIN_URL = os.environ.get(
-    "TUNERY_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-)
-REDIS_URL = os.environ.get("TUNERY_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 def machine() -> dict[str, str]:
@@ -157,14 +156,16 @@ def children_minor_faults(pid: int) -> int:
 
 @contextmanager
 def fresh_postgres() -> Iterator[str]:
-    """A new PostgreSQL database (CREATE DATABASE), migrated, dropped at the end."""
+    """A new database (CREATE DATABASE) on the run's own PostgreSQL, migrated, dropped at the
+    end."""
     from shared.migrate import upgrade
 
+    admin_url = servers.postgres().admin_url
     name = f"tunery_bench_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
     with admin.connect() as connection:
         connection.execute(text(f'CREATE DATABASE "{name}"'))
-    url = POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    url = admin_url.rsplit("/", 1)[0] + f"/{name}"
     try:
         upgrade(url)
         yield url
@@ -179,10 +180,10 @@ def fresh_postgres() -> Iterator[str]:
 
 @contextmanager
 def fresh_redis() -> Iterator[str]:
-    """A Redis database number of its own, emptied before and after."""
+    """A database number of the run's own Redis, emptied before and after."""
     import redis
 
-    url = REDIS_URL.rsplit("/", 1)[0] + f"/{random.randint(1, 15)}"
+    url = servers.redis_server().database_url(random.randint(1, 15))
     client = redis.Redis.from_url(url)
     client.flushdb()
     try:

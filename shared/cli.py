@@ -93,6 +93,12 @@ def _worker(args: argparse.Namespace) -> int:
         return status
     from celery.bin.celery import celery
 
+    from worker.device import refuse_to_start
+
+    if (reason := refuse_to_start(get_settings().device)) is not None:
+        print(f"tunery worker: {reason}", file=sys.stderr)
+        return 1
+
     migrate_if_empty()
     # Celery's own entry points drop the worker's exit code; without `standalone_mode` its
     # command returns it: 1 after an unrecoverable error, which a supervisor must see.

@@ -2,7 +2,7 @@
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -39,6 +39,12 @@ class Settings(BaseSettings):
         default=300, gt=0, description="Send the doorbell again for a job queued this long."
     )
     sweep_interval_s: float = Field(default=10, gt=0, description="How often the sweeper looks.")
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        default="auto",
+        description="Where a worker trains: `auto` (the GPU if torch can use one; a worker on a "
+        "host whose GPU torch cannot use refuses to start), `cuda` (refuse to start without "
+        "one) or `cpu`.",
+    )
     token_cache_max_bytes: int = Field(
         default=20 * GIB,
         ge=0,

@@ -1,5 +1,6 @@
-"""Fixtures shared by every test: a fresh database per backend, settings under a temporary
-home, an in-process API client and API keys of two projects."""
+"""Fixtures shared by every test: a fresh database per backend (PostgreSQL's on the session's
+own server, `tests.servers`), settings under a temporary home, an in-process API client and API
+keys of two projects."""
 
 import os
 import uuid
@@ -16,27 +17,26 @@ from shared.migrate import upgrade
 from shared.models import Base
 from shared.queue import celery_app
 from shared.settings import Settings, get_settings
+from tests import servers
 from tests.tiny_model import build_tiny_model
 
-POSTGRES_ADMIN_URL = os.environ.get(
-    "TUNERY_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-)
-REDIS_URL = os.environ.get("TUNERY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 TINY_MODEL = "tiny-gpt2"
 REPOSITORY = Path(__file__).resolve().parents[1]
 
 
 def _fresh_postgres_database() -> tuple[str, str]:
+    """A new database on the session's own PostgreSQL: (name, URL)."""
+    admin_url = servers.postgres().admin_url
     name = f"tunery_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
     with admin.connect() as connection:
         connection.execute(text(f'CREATE DATABASE "{name}"'))
     admin.dispose()
-    return name, POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    return name, admin_url.rsplit("/", 1)[0] + f"/{name}"
 
 
 def _drop_postgres_database(name: str) -> None:
-    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    admin = create_engine(servers.postgres().admin_url, isolation_level="AUTOCOMMIT")
     with admin.connect() as connection:
         connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()
@@ -83,8 +83,7 @@ def settings(
         "TUNERY_MODELS_DIR": str(models_dir),
     }
     for key in [key for key in os.environ if key.startswith("TUNERY_")]:
-        if key not in ("TUNERY_TEST_POSTGRES_URL", "TUNERY_TEST_REDIS_URL"):
-            monkeypatch.delenv(key)
+        monkeypatch.delenv(key)
     for key, value in environment.items():
         monkeypatch.setenv(key, value)
     get_settings.cache_clear()

@@ -10,7 +10,7 @@ from sqlalchemy import create_engine, make_url, text
 from api.job_reads import APPLICATION_NAME
 from shared import jobs as job_states
 from shared.settings import get_settings
-from tests.conftest import POSTGRES_ADMIN_URL
+from tests import servers
 from tests.rows import queued_job
 
 
@@ -151,7 +151,7 @@ class TestJobReadsAfterAServerRestart:
             pytest.skip("SQLite has no server to come back")
         assert client.get("/jobs/job_x", headers=auth_headers).status_code == 404  # key known
         name = make_url(database_url).database
-        admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+        admin = create_engine(servers.postgres().admin_url, isolation_level="AUTOCOMMIT")
         with admin.connect() as connection:
             connection.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false'))
         try:

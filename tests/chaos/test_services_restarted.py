@@ -1,53 +1,17 @@
 """Redis restarted and flushed, PostgreSQL restarted: the database is the truth, so queued jobs
 are sent again and a running job rides out the outage.
 
-Both servers are the machine's shared ones: outages are kept to seconds, and each is started
-again in a `finally`, whatever happens.
+Both servers are the test session's own (`tests.servers`); each is started again in a
+`finally`, whatever happens.
 """
 
-import os
-import subprocess
 import time
 from pathlib import Path
 
 import redis
 
+from tests import servers
 from tests.chaos.conftest import Stack, figures, now
-from tests.processes import wait_for
-
-REDIS_START = [
-    "redis-server",
-    "--daemonize",
-    "yes",
-    "--bind",
-    "127.0.0.1",
-    "--port",
-    "6379",
-    "--save",
-    "",
-    "--appendonly",
-    "no",
-]
-
-
-def redis_up() -> bool:
-    try:
-        return bool(redis.Redis(host="127.0.0.1", port=6379, socket_timeout=1).ping())
-    except redis.RedisError:
-        return False
-
-
-def postgres(action: str) -> None:
-    version = sorted(os.listdir("/etc/postgresql"))[0]
-    subprocess.run(
-        ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action],
-        check=True,
-        capture_output=True,
-    )
-
-
-def postgres_up() -> bool:
-    return subprocess.run(["pg_isready", "-q", "-h", "127.0.0.1"]).returncode == 0
 
 
 class TestRedisLost:
@@ -55,14 +19,13 @@ class TestRedisLost:
         self, stack: Stack
     ) -> None:
         job_ids = [stack.create_job(max_steps=10) for _ in range(3)]
+        server = servers.redis_server()
         try:
-            subprocess.run(["redis-cli", "flushall"], check=True, capture_output=True)
-            subprocess.run(["redis-cli", "shutdown", "nosave"], capture_output=True)
-            wait_for(lambda: not redis_up(), timeout=10, what="Redis to stop")
+            redis.Redis.from_url(server.url).flushall()
+            server.stop()
         finally:
-            if not redis_up():
-                subprocess.run(REDIS_START, check=True, capture_output=True)
-            wait_for(redis_up, timeout=20, what="Redis to start")
+            if not server.up():
+                server.start()
         restarted = now()
         worker = stack.start_worker("worker")
         finished = [stack.client.wait(job_id, timeout=180) for job_id in job_ids]
@@ -89,8 +52,9 @@ class TestPostgresRestarted:
         stopped_at = stack.wait_step(job_id, 10)
         stack.engine.dispose()
         answers = []
+        server = servers.postgres()
         try:
-            postgres("stop")
+            server.stop()
             down = now()
             started = time.monotonic()
             response = stack.client.http.get(f"/jobs/{job_id}", timeout=15)
@@ -99,9 +63,8 @@ class TestPostgresRestarted:
             assert response.json()["error"]["type"] == "server_error"
             time.sleep(3)  # past a heartbeat and a metrics write of the worker
         finally:
-            if not postgres_up():
-                postgres("start")
-            wait_for(postgres_up, timeout=60, what="PostgreSQL to start")
+            if not server.up():
+                server.start()
         outage_s = now() - down
         finished = stack.client.wait(job_id, timeout=240)
         assert finished["status"] == "succeeded", stack.messages(job_id)

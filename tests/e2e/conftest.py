@@ -10,7 +10,8 @@ import redis
 
 from shared.db import engine_for
 from shared.migrate import upgrade
-from tests.conftest import REDIS_URL, _drop_postgres_database, _fresh_postgres_database
+from tests import servers
+from tests.conftest import _drop_postgres_database, _fresh_postgres_database
 
 
 @pytest.fixture
@@ -25,8 +26,8 @@ def postgres_url() -> Iterator[str]:
 
 @pytest.fixture
 def redis_url() -> Iterator[str]:
-    """An empty Redis database of its own, so queues of other runs cannot interfere."""
-    url = REDIS_URL.rsplit("/", 1)[0] + f"/{random.randint(1, 15)}"
+    """An empty database of the session's own Redis, so that no earlier test's queue is left."""
+    url = servers.redis_server().database_url(random.randint(1, 15))
     client = redis.Redis.from_url(url)
     client.flushdb()
     yield url

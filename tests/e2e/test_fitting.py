@@ -58,13 +58,13 @@ def client(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     """One stack for the module: `tunery api` and a `tunery worker` on PostgreSQL and Redis."""
     import redis
 
-    from tests.conftest import REDIS_URL
+    from tests import servers
 
     build_chat_model(models_dir, "tiny-chat")
     folder = tmp_path_factory.mktemp("fitting")
     name, database_url = _fresh_postgres_database()
     upgrade(database_url)
-    redis_url = REDIS_URL.rsplit("/", 1)[0] + "/14"
+    redis_url = servers.redis_server().database_url(14)
     redis.Redis.from_url(redis_url).flushdb()
     environment = tunery_environment(
         home=str(folder / "home"),
