@@ -5,6 +5,9 @@ The upload never holds the file in memory: the request body is read chunk by chu
 python-multipart's streaming parser, whose `file` part goes through the validator and the hash
 into a storage file that is renamed into place only when everything passed. Starlette's own form
 parsing is not used because it spools the whole file before the route runs.
+
+Lines (text, JSONL) are validated as they arrive. A table (CSV, Parquet) is validated when the
+file is all in, from the stored file before its rename, through the reading the worker uses.
 """
 
 import asyncio
@@ -56,6 +59,12 @@ FORM_OVERHEAD_BYTES = 64 * 1024
 MAX_FIELD_BYTES = 64
 MAX_FILENAME_CHARS = 255
 _SEPARATORS = re.compile(r"[/\\]")
+_MEDIA_TYPES = {
+    "text": "text/plain; charset=utf-8",
+    "jsonl": "application/jsonl",
+    "csv": "text/csv; charset=utf-8",
+    "parquet": "application/vnd.apache.parquet",
+}
 
 _UPLOAD_BODY = {
     "required": True,
@@ -68,7 +77,10 @@ _UPLOAD_BODY = {
                     "file": {
                         "type": "string",
                         "format": "binary",
-                        "description": "The dataset: UTF-8 text or JSONL, one example per line.",
+                        "description": (
+                            "The dataset: UTF-8 text or JSONL, one example per line, or CSV or "
+                            "Parquet, one example per row."
+                        ),
                     },
                     "format": {"type": "string", "enum": list(FORMATS), "default": "auto"},
                 },
@@ -100,7 +112,8 @@ def _too_large(limit: int) -> APIError:
 
 
 def _invalid_dataset(error: DatasetError) -> APIError:
-    return APIError(422, "invalid_dataset", str(error), param="file", details={"line": error.line})
+    details = {"row": error.row} if error.row is not None else {"line": error.line}
+    return APIError(422, "invalid_dataset", str(error), param="file", details=details)
 
 
 def _malformed(message: str) -> APIError:
@@ -215,11 +228,18 @@ class _Upload:
                 param="file",
             )
         try:
-            summary = self.validator.finish()
+            summary = self.validator.finish(self._stored_so_far)
         except DatasetError as error:
             raise _invalid_dataset(error) from None
         self._files.close()  # fsync and rename: from here on the file is stored
         return summary
+
+    def _stored_so_far(self) -> BinaryIO:
+        """The file as written, before its rename: a table is validated from it. Every store
+        has settled (`finish`), so flushing the buffer puts all of it on the file."""
+        assert self._sink is not None
+        self._sink.flush()
+        return open(self._sink.name, "rb")  # noqa: SIM115 - the validator closes it
 
     def abort(self, error: BaseException) -> None:
         """Remove the partial file (an error passed into `open_write` skips the rename). A
@@ -256,6 +276,7 @@ class _Upload:
                     422, "invalid_request", "file: send one file per upload", param="file"
                 )
             self.filename = safe_filename(params.get(b"filename"))
+            self.validator.set_filename(self.filename)  # before the data: its extension counts
             self._sink = self._files.enter_context(storage.open_write(dataset_key(self.dataset_id)))
             self._part = "file"
         elif name == "format":
@@ -470,7 +491,7 @@ def _content_disposition(filename: str) -> str:
     response_class=StreamingResponse,
     responses={
         200: {
-            "content": {"text/plain": {}, "application/jsonl": {}},
+            "content": {media_type.split(";")[0]: {} for media_type in _MEDIA_TYPES.values()},
             "description": "The file as uploaded.",
         }
     },
@@ -485,7 +506,7 @@ def dataset_content(dataset: DatasetSnapshotDep) -> StreamingResponse:
     # The size of the file we hold open, not a second lookup that a delete could race.
     size = stream.seek(0, io.SEEK_END)
     stream.seek(0)
-    media_type = "application/jsonl" if dataset.format == "jsonl" else "text/plain; charset=utf-8"
+    media_type = _MEDIA_TYPES.get(dataset.format, _MEDIA_TYPES["text"])
     headers: dict[str, Any] = {
         "Content-Length": str(size),
         "Content-Disposition": _content_disposition(dataset.filename),

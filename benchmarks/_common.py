@@ -66,7 +66,6 @@ __all__ = [
 ]
 
 
-
 def machine() -> dict[str, str]:
     """What the figures were measured on."""
     model = "unknown"

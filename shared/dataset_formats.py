@@ -1,4 +1,4 @@
-"""Dataset formats: a streaming validator for uploads and a reader of examples for training.
+"""Dataset formats: a streaming validator for uploads and the one reader of stored dataset files.
 
 Formats (one per file):
 - `text`: UTF-8, one example per line. Blank (whitespace-only) lines are skipped.
@@ -6,51 +6,97 @@ Formats (one per file):
   `{"text": str}` (shape `text`), `{"prompt": str, "completion": str}` (`prompt_completion`) or
   `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}` (`messages`, with
   at least one assistant message). Other keys are ignored; blank lines are skipped.
-- `auto`: `jsonl` if the first non-blank line parses as a JSON object, else `text`.
+- `csv`: a header, then one example per row (comma-separated, `"` quotes, newlines allowed in
+  quoted cells). The columns `text`, or `prompt` and `completion`, or `messages` (a JSON list of
+  {role, content} objects in each cell) give the shape; other columns are ignored.
+- `parquet`: the same columns, `messages` as a list of {role, content} structs or as JSON text.
+- `auto`: Parquet when the file starts with Parquet's magic bytes `PAR1`; else what the name's
+  extension says (`.csv`; `.parquet`, `.pq`; `.jsonl`, `.json`: JSONL); else CSV when the first
+  non-blank line is a header of two or more plain names that include the columns of a shape;
+  else `jsonl` if the first non-blank line parses as a JSON object, else `text`.
 
-Both formats strip one trailing `\\r` per line (CRLF files) and a UTF-8 byte order mark at the
+A file is never read as text when its name (`.csv`, `.parquet`, `.pq`, `.json`, `.jsonl`) or its
+content (`PAR1`, or a first line that opens a JSON array) says it is something else: it is
+refused, and the message says what to send. A JSON array is refused as text and as JSONL alike:
+only a format with one record per line or row can be checked in flat memory. Text whose first
+line merely starts with a bracket (`[INST] ...`) is text.
+
+The line formats strip one trailing `\\r` per line (CRLF files) and a UTF-8 byte order mark at the
 start of the file. One line may hold at most `MAX_LINE_BYTES`, so a file without newlines cannot
 make us buffer it whole. Lines and columns in messages count from 1; UTF-8 columns count bytes.
+Their input arrives in chunks of any size: only complete lines are decoded (a newline byte never
+occurs inside a multi-byte UTF-8 character), and only the unfinished last line is kept between
+chunks.
 
-Input arrives in chunks of any size: only complete lines are decoded (a newline byte never occurs
-inside a multi-byte UTF-8 character), and only the unfinished last line is kept between chunks.
+Tables (CSV, Parquet) are read from the stored file by `read_records`, which upload validation
+and the worker share, through `shared.dataset_tables`.
 """
 
+import io
 import itertools
 import json
+import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Final, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, BinaryIO, Final, Literal, NamedTuple
 
 import numpy as np
 
-Format = Literal["text", "jsonl"]
+if TYPE_CHECKING:
+    pass
+
+Format = Literal["text", "jsonl", "csv", "parquet"]
 Shape = Literal["text", "prompt_completion", "messages"]
 Example = str | dict[str, Any]
 
-FORMATS: Final = ("auto", "text", "jsonl")
+FORMATS: Final = ("auto", "text", "jsonl", "csv", "parquet")
+TABLE_FORMATS: Final = ("csv", "parquet")
 MAX_LINE_BYTES: Final = 8 * 1024 * 1024
 ROLES: Final = ("system", "user", "assistant")
-_BOM: Final = "\ufeff"
+BOM: Final = "\ufeff"
 _SHAPE_NAMES: Final = {
     "text": "text",
     "prompt_completion": "prompt/completion",
     "messages": "messages",
 }
-_REQUIRED: Final = {
+REQUIRED_COLUMNS: Final = {
     "text": ("text",),
     "prompt_completion": ("prompt", "completion"),
     "messages": ("messages",),
 }
+_FORMAT_NAMES: Final = {"text": "text", "jsonl": "JSONL", "csv": "CSV", "parquet": "Parquet"}
+# What a file name's extension says the file is: (its name in messages, the format to read).
+_EXTENSIONS: Final = {
+    ".csv": ("CSV", "csv"),
+    ".parquet": ("Parquet", "parquet"),
+    ".pq": ("Parquet", "parquet"),
+    ".jsonl": ("JSONL", "jsonl"),
+    ".json": ("JSON", "jsonl"),
+}
+PARQUET_MAGIC: Final = b"PAR1"
+_JSON_ARRAY: Final = (
+    'the file starts with "[" like a JSON array, which cannot be read a record at a time: send '
+    "JSONL, one JSON object per line (convert an array with `jq -c '.[]' data.json > "
+    "data.jsonl`), or CSV or Parquet; text whose first line looks like one goes as JSONL "
+    '{"text": ...}'
+)
 
 
 class DatasetError(ValueError):
-    """The file is not a valid dataset; `line` is the first bad line (None: the whole file)."""
+    """The file is not a valid dataset; `line` is the first bad line, or `row` the first bad row
+    of a table (neither: the whole file). `reason` is the message without its place."""
 
-    def __init__(self, message: str, line: int | None = None) -> None:
-        super().__init__(f"line {line}: {message}" if line is not None else message)
+    def __init__(self, message: str, line: int | None = None, *, row: int | None = None) -> None:
+        if line is not None:
+            super().__init__(f"line {line}: {message}")
+        elif row is not None:
+            super().__init__(f"row {row}: {message}")
+        else:
+            super().__init__(message)
         self.line = line
+        self.row = row
+        self.reason = message
 
 
 @dataclass(frozen=True)
@@ -133,6 +179,15 @@ def shape_of(value: dict[str, Any]) -> Shape | None:
     return None
 
 
+def columns_shape(names: list[str]) -> Shape | None:
+    """The shape a table with these columns holds, the first complete set winning."""
+    shape: Shape
+    for shape in ("messages", "prompt_completion", "text"):
+        if all(field in names for field in REQUIRED_COLUMNS[shape]):
+            return shape
+    return None
+
+
 def check_example(value: Any, number: int, expected: Shape | None, first_line: int) -> Shape:
     """Check one JSONL value against the file's shape (None: this is the first example, which
     sets it); returns its shape. `first_line` is the line that set the shape."""
@@ -141,7 +196,7 @@ def check_example(value: Any, number: int, expected: Shape | None, first_line: i
     shape = shape_of(value)
     if shape is None:
         if expected is not None:
-            missing = next(field for field in _REQUIRED[expected] if field not in value)
+            missing = next(field for field in REQUIRED_COLUMNS[expected] if field not in value)
             raise DatasetError(f'missing field "{missing}"', number)
         keys = ", ".join(f'"{key}"' for key in list(value)[:5]) or "none"
         raise DatasetError(
@@ -155,13 +210,13 @@ def check_example(value: Any, number: int, expected: Shape | None, first_line: i
             f"got {_SHAPE_NAMES[shape]}",
             number,
         )
-    for field in _REQUIRED[shape]:
+    for field in REQUIRED_COLUMNS[shape]:
         if field not in value:
             raise DatasetError(f'missing field "{field}"', number)
     if shape == "messages":
-        _check_messages(value["messages"], number)
+        check_messages(value["messages"], number)
     else:
-        for field in _REQUIRED[shape]:
+        for field in REQUIRED_COLUMNS[shape]:
             if not isinstance(value[field], str):
                 raise DatasetError(
                     f'field "{field}" must be a string, got {type_name(value[field])}', number
@@ -169,7 +224,7 @@ def check_example(value: Any, number: int, expected: Shape | None, first_line: i
     return shape
 
 
-def _check_messages(messages: Any, number: int) -> None:
+def check_messages(messages: Any, number: int) -> None:
     if not isinstance(messages, list):
         raise DatasetError(f'field "messages" must be a list, got {type_name(messages)}', number)
     if not messages:
@@ -308,7 +363,7 @@ class LineSplitter:
             text = block[:line_start].decode("utf-8")
         if self._at_start and text:
             self._at_start = False
-            text = text.removeprefix(_BOM)
+            text = text.removeprefix(BOM)
         return text, error
 
     def _count(self, text: str) -> int:
@@ -317,26 +372,91 @@ class LineSplitter:
         return count
 
 
+# The first non-space character of a text, for the first non-blank line.
+_NON_SPACE: Final = re.compile(r"\S")
+# A CSV header cell that auto may take for a column name: one plain word, perhaps quoted (a
+# first line of prose such as "text, and more text" is not a header).
+_HEADER_NAME: Final = re.compile(r'\s*"?([A-Za-z_][A-Za-z0-9_.-]{0,63})"?\s*')
+
+
+def _header_columns(line: str) -> list[str] | None:
+    """The column names when `line` looks like a CSV header of two or more plain names."""
+    cells = line.split(",")
+    if len(cells) < 2:
+        return None
+    names = []
+    for cell in cells:
+        match = _HEADER_NAME.fullmatch(cell)
+        if match is None:
+            return None
+        names.append(match.group(1))
+    return names
+
+
+def opens_a_json_array(line: str) -> bool:
+    """Whether a file's first line is the start of a JSON array: `[` alone (pretty-printed),
+    `[` before an object, an array or a string, or a whole array on one line. Text that only
+    starts with a bracket, such as `[INST] ...` or `[1] Introduction`, is not."""
+    stripped = line.strip()
+    if not stripped.startswith("["):
+        return False
+    if stripped == "[" or stripped[1:].lstrip()[:1] in ("{", "[", '"'):
+        return True
+    try:
+        return isinstance(json.loads(stripped), list)
+    except ValueError:
+        return False
+
+
+def _named_format(filename: str | None) -> tuple[str, str] | None:
+    """(what the name says, the format to read) for a file name whose extension names one."""
+    if filename is None:
+        return None
+    return _EXTENSIONS.get(os.path.splitext(filename)[1].lower())
+
+
 class DatasetValidator:
     """Validates a dataset fed in chunks; `finish()` says what it holds or raises DatasetError.
 
     The format may be unknown when the data starts (a multipart form can send its `format`
-    field after the file): then both readings are checked side by side and `set_format` or
+    field after the file): then both line readings are checked side by side and `set_format` or
     `finish` picks one. An error is raised as soon as it is certain whatever the format is.
+
+    A table (CSV, Parquet) is read by `finish` from the stored file, through `read_records`, as
+    the worker reads it; its lines are not looked at as it arrives.
     """
 
-    def __init__(self, format: str | None = "auto", max_line_bytes: int = MAX_LINE_BYTES) -> None:
+    def __init__(
+        self,
+        format: str | None = "auto",
+        max_line_bytes: int = MAX_LINE_BYTES,
+        filename: str | None = None,
+    ) -> None:
         self._lines = LineSplitter(max_line_bytes)
+        self._max_line_bytes = max_line_bytes
         self._format: str | None = None
         self.examples = 0
+        # What the file says it is besides its lines: its name, its first bytes (is it Parquet?
+        # None until four bytes are in), and its first non-blank line.
+        self._filename: str | None = None
+        self._named: tuple[str, str] | None = None
+        self._head = b""
+        self._parquet: bool | None = None
+        self._first_line_seen = False
+        self._starts_array = False
+        self._csv_header = False
+        # Set once the lines are left to the stored file: they are not read as they come.
+        self._lines_skipped = False
         # The JSONL reading: what the first non-blank line is, the shape the first object set,
         # and the first error met.
         self._first_is_object: bool | None = None
         self._shape: Shape | None = None
         self._shape_line = 0
         self._json_error: DatasetError | None = None
-        # An error in every reading (bad UTF-8, an overlong line): nothing after it is read.
+        # An error in every line reading (bad UTF-8, an overlong line): nothing after it is read.
         self._fatal: DatasetError | None = None
+        if filename is not None:
+            self.set_filename(filename)
         if format is not None:
             self.set_format(format)
 
@@ -350,34 +470,115 @@ class DatasetValidator:
         self._format = format
         self._raise_if_decided()
 
+    def set_filename(self, filename: str) -> None:
+        """The uploaded file's name, before its first byte: its extension says what it is."""
+        self._filename = filename
+        self._named = _named_format(filename)
+        self._raise_if_decided()
+
     def feed(self, chunk: bytes) -> None:
         if self._fatal is not None or not chunk:
             return  # after a fatal error the rest is not read; the caller only drains its input
+        if self._parquet is None:
+            self._see_head(chunk)
+        if self._lines_skipped or self._skip_lines():
+            self._lines_skipped = True
+            return
         self._take(self._lines.feed(chunk))
 
-    def finish(self) -> DatasetSummary:
-        if self._fatal is None:
-            self._take(self._lines.finish())
+    def finish(self, stored: Callable[[], BinaryIO] | None = None) -> DatasetSummary:
+        """What the file holds. `stored` opens the file as stored so far: a table, or a file
+        whose lines were skipped, is read from it."""
         if self._format is None:  # the form never said: the documented default
             self._format = "auto"
+        if self._parquet is None:  # shorter than the magic bytes
+            self._parquet = False
+        if self._fatal is None and not self._lines_skipped:
+            self._take(self._lines.finish())
         self._raise_if_decided()
+        reading = self._reading()
+        if reading in TABLE_FORMATS or self._lines_skipped:
+            if stored is None:
+                raise ValueError("a table is validated from its stored file: pass `stored`")
+            with stored() as stream:
+                return summarize(stream, reading or "jsonl", self._max_line_bytes)
         if self.examples == 0:
             raise DatasetError("the file holds no examples (it is empty or has only blank lines)")
-        if self._reading() == "jsonl":
+        if reading == "jsonl":
             assert self._shape is not None  # set by the first example, which had no error
             return DatasetSummary("jsonl", self._shape, self.examples)
         return DatasetSummary("text", "text", self.examples)
 
-    def _reading(self) -> Format | None:
+    def _see_head(self, chunk: bytes) -> None:
+        self._head += chunk[: len(PARQUET_MAGIC) - len(self._head)]
+        if not PARQUET_MAGIC.startswith(self._head):
+            self._parquet = False
+        elif len(self._head) == len(PARQUET_MAGIC):
+            self._parquet = True
+            self._raise_if_decided()
+
+    def _table_hint(self) -> str | None:
+        """The table format the file's first bytes or its name say it is."""
+        if self._parquet:
+            return "parquet"
+        if self._named is not None and self._named[1] in TABLE_FORMATS:
+            return self._named[1]
+        return None
+
+    def _skip_lines(self) -> bool:
+        """Whether the lines are left to the stored file: it is read as a table, or may be."""
+        if self._format is None:
+            return self._table_hint() is not None
+        return self._reading() in TABLE_FORMATS
+
+    def _reading(self) -> str | None:
         """The format the file is read as, once that is known."""
-        if self._format == "text" or self._format == "jsonl":
+        if self._format != "auto":
             return self._format
-        if self._format == "auto" and self._first_is_object is not None:
+        hint = self._table_hint()
+        if hint is not None:
+            return hint
+        if self._named is not None:  # .json, .jsonl
+            return self._named[1]
+        if self._csv_header:
+            return "csv"
+        if self._first_is_object is not None:
             return "jsonl" if self._first_is_object else "text"
         return None
 
+    def _mismatch(self, reading: str | None) -> DatasetError | None:
+        """The error when the file's name or content says it is not what it is read as."""
+        if reading is None:
+            return None
+        if reading == "parquet":
+            if self._parquet is False:
+                return DatasetError(
+                    "not a Parquet file: it does not start with Parquet's magic bytes PAR1"
+                )
+            return None
+        if self._parquet:
+            return DatasetError(
+                f"the file is Parquet (it starts with PAR1), not {_FORMAT_NAMES[reading]}; send "
+                "format=parquet or auto"
+            )
+        if reading == "text" and self._named is not None:
+            said, format = self._named
+            return DatasetError(
+                f'the file name "{self._filename}" says {said}, not text; send format={format} '
+                "or auto, or rename the file if it is text"
+            )
+        if reading in ("text", "jsonl") and self._starts_array:
+            return DatasetError(_JSON_ARRAY)
+        return None
+
     def _raise_if_decided(self) -> None:
-        reading, fatal, json_error = self._reading(), self._fatal, self._json_error
+        reading = self._reading()
+        mismatch = self._mismatch(reading)
+        if mismatch is not None:
+            raise mismatch
+        if reading in TABLE_FORMATS or self._lines_skipped:
+            return  # read from the stored file at the end
+        fatal, json_error = self._fatal, self._json_error
         if reading == "jsonl":
             errors = [error for error in (fatal, json_error) if error is not None]
             if errors:
@@ -385,10 +586,16 @@ class DatasetValidator:
         elif reading == "text":
             if fatal is not None:
                 raise fatal
-        elif fatal is not None and (json_error is None or _line_of(json_error) > _line_of(fatal)):
+        elif (
+            fatal is not None
+            and not self._csv_header  # auto may still read it as CSV, maybe not this column
+            and (json_error is None or _line_of(json_error) > _line_of(fatal))
+        ):
             raise fatal  # the format is still open, but this line is bad in every reading
 
     def _take(self, got: Lines) -> None:
+        if not self._first_line_seen:
+            self._see_first_line(got)
         if self._format == "text" or self._json_error is not None:
             # Only counted: the hot path of a large text upload.
             self.examples += got.non_blank()
@@ -401,6 +608,18 @@ class DatasetValidator:
                     self._check_json(line, number)
         self._fatal = got.error
         self._raise_if_decided()
+
+    def _see_first_line(self, got: Lines) -> None:
+        """Note what the first non-blank line says: a JSON array, or a CSV header."""
+        found = _NON_SPACE.search(got.text)
+        if found is None:
+            return
+        start = got.text.rfind("\n", 0, found.start()) + 1
+        line = got.text[start : got.text.index("\n", found.start())].removesuffix("\r")
+        self._first_line_seen = True
+        self._starts_array = opens_a_json_array(line)
+        columns = _header_columns(line)
+        self._csv_header = columns is not None and columns_shape(columns) is not None
 
     def _check_json(self, line: str, number: int) -> None:
         try:
@@ -430,12 +649,14 @@ def iter_lines(
             raise got.error
 
 
-def iter_examples(chunks: Iterable[bytes], format: Format) -> Iterator[Example]:
-    """The examples of a stored dataset, in order: a str per line for `text`, the object of each
+def iter_examples(
+    chunks: Iterable[bytes], format: str, max_line_bytes: int = MAX_LINE_BYTES
+) -> Iterator[Example]:
+    """The examples of a line format, in order: a str per line for `text`, the object of each
     line for `jsonl` (checked again, so a file changed behind our back fails loudly)."""
     shape: Shape | None = None
     shape_line = 0
-    for number, line in iter_lines(chunks):
+    for number, line in iter_lines(chunks, max_line_bytes):
         if format == "text":
             yield line
             continue
@@ -451,9 +672,64 @@ def read_chunks(stream: BinaryIO, size: int = 1024 * 1024) -> Iterator[bytes]:
         yield chunk
 
 
-def validate(chunks: Iterable[bytes], format: str = "auto") -> DatasetSummary:
+def read_records(
+    stream: BinaryIO, format: str, max_bytes: int = MAX_LINE_BYTES
+) -> Iterator[Example]:
+    """Every example of a stored dataset file, in order: a str per line of `text`, else an object
+    per line or row, checked as upload checks it. The one reading of stored files: the worker
+    reads every dataset through here, and upload validation every table."""
+    if format in TABLE_FORMATS:
+        from shared.dataset_tables import read_table  # pyarrow, only where a table is read
+
+        for batch in read_table(stream, format, max_bytes).batches:
+            yield from batch.records()
+    else:
+        yield from iter_examples(read_chunks(stream), format, max_bytes)
+
+
+def count_records(stream: BinaryIO, format: str, max_bytes: int = MAX_LINE_BYTES) -> int:
+    """How many examples a stored dataset file holds, without building them. A table's rows are
+    not checked here: `read_records`, which follows, checks them."""
+    if format in TABLE_FORMATS:
+        from shared.dataset_tables import read_table
+
+        return sum(batch.size for batch in read_table(stream, format, max_bytes).batches)
+    return sum(1 for _ in iter_lines(read_chunks(stream), max_bytes))
+
+
+def summarize(stream: BinaryIO, format: str, max_bytes: int = MAX_LINE_BYTES) -> DatasetSummary:
+    """What a stored file holds, read whole with `read_records`' reading: a table, or a file
+    whose lines the validator left to storage."""
+    shape: Shape | None = "text"
+    examples = 0
+    if format in TABLE_FORMATS:
+        from shared.dataset_tables import read_table
+
+        table = read_table(stream, format, max_bytes)
+        shape = table.shape
+        for batch in table.batches:
+            batch.check()
+            examples += batch.size
+        empty = "the file holds no examples (it has no rows)"
+    else:
+        for record in iter_examples(read_chunks(stream), format, max_bytes):
+            if examples == 0 and isinstance(record, dict):
+                shape = shape_of(record)
+            examples += 1
+        empty = "the file holds no examples (it is empty or has only blank lines)"
+    if examples == 0:
+        raise DatasetError(empty)
+    assert shape is not None  # the first record passed `check_example`
+    return DatasetSummary(format, shape, examples)  # type: ignore[arg-type]
+
+
+def validate(
+    chunks: Iterable[bytes], format: str = "auto", filename: str | None = None
+) -> DatasetSummary:
     """Validate a whole dataset at once (tests, the CLI): the summary, or a DatasetError."""
-    validator = DatasetValidator(format)
+    validator = DatasetValidator(format, filename=filename)
+    kept = []
     for chunk in chunks:
+        kept.append(chunk)
         validator.feed(chunk)
-    return validator.finish()
+    return validator.finish(lambda: io.BytesIO(b"".join(kept)))

@@ -26,7 +26,7 @@ class DatasetRead(BaseModel):
     id: str
     object: Literal["dataset"] = "dataset"
     filename: str
-    format: Literal["text", "jsonl"]
+    format: Literal["text", "jsonl", "csv", "parquet"]
     shape: Literal["text", "prompt_completion", "messages"]
     bytes: int
     sha256: str

@@ -21,7 +21,7 @@ from array import array
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch.utils.data import Dataset as TorchDataset
@@ -47,8 +47,8 @@ def example_text(record: Any) -> str:
 
 
 @contextmanager
-def _chunks(dataset: Dataset) -> Iterator[Iterator[bytes]]:
-    """The stored file of `dataset` as chunks of bytes."""
+def _stored(dataset: Dataset) -> Iterator[BinaryIO]:
+    """The stored file of `dataset`, open."""
     try:
         stream = storage.open_read(storage.dataset_key(dataset.id))
     except FileNotFoundError:
@@ -58,7 +58,7 @@ def _chunks(dataset: Dataset) -> Iterator[Iterator[bytes]]:
             user_error=False,
         ) from None
     with stream:
-        yield dataset_formats.read_chunks(stream)
+        yield stream
 
 
 def _invalid(dataset: Dataset, error: DatasetError) -> JobFailure:
@@ -67,14 +67,16 @@ def _invalid(dataset: Dataset, error: DatasetError) -> JobFailure:
 
 
 def iter_records(dataset: Dataset) -> Iterator[Any]:
-    """Every example of a stored dataset as uploaded (a line, or a JSON object), in file order.
+    """Every example of a stored dataset as uploaded (a line, or an object of a JSONL line or a
+    CSV or Parquet row), in file order.
 
-    Lines are read exactly as upload validation reads them (`shared.dataset_formats`): blank
-    lines skipped, a trailing `\\r` and a byte order mark dropped.
+    Read by `shared.dataset_formats.read_records`, as upload validation reads the file: blank
+    lines skipped, a trailing `\\r` and a byte order mark dropped; a table's rows as objects of
+    its shape's columns.
     """
-    with _chunks(dataset) as chunks:
+    with _stored(dataset) as stream:
         try:
-            yield from dataset_formats.iter_examples(chunks, dataset.format)
+            yield from dataset_formats.read_records(stream, dataset.format)
         except DatasetError as error:
             raise _invalid(dataset, error) from None
 
@@ -85,9 +87,9 @@ def iter_examples(dataset: Dataset) -> Iterator[str]:
 
 
 def count_examples(dataset: Dataset) -> int:
-    with _chunks(dataset) as chunks:
+    with _stored(dataset) as stream:
         try:
-            return sum(1 for _ in dataset_formats.iter_lines(chunks))
+            return dataset_formats.count_records(stream, dataset.format)
         except DatasetError as error:
             raise _invalid(dataset, error) from None
 

@@ -1,9 +1,15 @@
 """Each attempt trains in a folder of its own under `TUNERY_HOME/work`, rather than /tmp: a
 model's files can be larger than a tmpfs. A worker killed mid-job leaves its folder behind (the
 model, the tokenized data, checkpoints on their way to storage: tens of GB for a large model);
-the sweeper removes every folder whose attempt no longer runs."""
+the sweeper removes every folder whose attempt no longer runs and whose process is gone.
 
-import logging
+The process that trains in a folder holds a lock on a file in it for as long as it lives: the
+kernel drops the lock when the process dies, however it dies. A process that lost its job but
+lives on (paused past its lease, then continued) keeps its folder until it notices and leaves.
+"""
+
+import fcntl
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -17,7 +23,7 @@ from shared.db import read_session
 from shared.models import Job
 from shared.settings import get_settings
 
-logger = logging.getLogger(__name__)
+_LOCK = ".in-use"
 
 
 def _parent() -> Path:
@@ -32,7 +38,27 @@ def for_attempt(job_id: str, attempt: int) -> Iterator[Path]:
     with tempfile.TemporaryDirectory(
         prefix=f"{job_id}-{attempt}-", dir=parent, ignore_cleanup_errors=True
     ) as folder:
-        yield Path(folder)
+        lock = os.open(Path(folder) / _LOCK, os.O_CREAT | os.O_WRONLY, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield Path(folder)
+        finally:
+            os.close(lock)
+
+
+def _in_use(folder: Path) -> bool:
+    """Whether a live process holds the folder's lock."""
+    try:
+        lock = os.open(folder / _LOCK, os.O_WRONLY)
+    except OSError:  # no lock file: a folder made before there was one, or being removed
+        return False
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(lock)
+    return False
 
 
 def _owner(name: str) -> tuple[str, int | None] | None:
@@ -62,7 +88,7 @@ def remove_abandoned() -> list[str]:
         running = {job_id: attempt for job_id, attempt in rows}
     removed = []
     for name, (job_id, attempt) in owners.items():
-        if job_id in running and attempt in (None, running[job_id]):
+        if job_id in running and attempt in (None, running[job_id]) or _in_use(parent / name):
             continue
         shutil.rmtree(parent / name, ignore_errors=True)
         removed.append(name)

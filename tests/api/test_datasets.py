@@ -156,7 +156,7 @@ class TestUpload:
 
     @pytest.mark.parametrize(
         ("content", "format"),
-        [(b"plain line\n", "text"), (b"[1, 2]\n[3]\n", "text"), (PC, "jsonl")],
+        [(b"plain line\n", "text"), (b"text,label\na,1\n", "csv"), (PC, "jsonl")],
     )
     def test_auto_detection(self, client, auth_headers, content, format):
         response = post(client, auth_headers, content)
@@ -198,7 +198,8 @@ class TestUpload:
         ],
     )
     def test_filename_is_a_label_never_a_path(self, client, auth_headers, settings, sent, kept):
-        response = post(client, auth_headers, b"line\n", filename=sent)
+        # JSONL: good for every name (a .jsonl is never read as text).
+        response = post(client, auth_headers, b'{"text": "line"}\n', filename=sent)
         assert response.status_code == 201, response.text
         assert response.json()["filename"] == kept
         assert stored_files(settings) == [response.json()["id"]]
@@ -310,11 +311,11 @@ class TestUploadRejected:
         assert_nothing_kept(settings)
 
     @pytest.mark.parametrize("format_last", [False, True])
-    @pytest.mark.parametrize("value", ["csv", "", "x" * 500])
+    @pytest.mark.parametrize("value", ["xml", "", "x" * 500])
     def test_unknown_format(self, client, auth_headers, settings, value, format_last):
         response = post(client, auth_headers, b"line\n", format=value, format_last=format_last)
         error = assert_error(response, 422, "invalid_request", "format")
-        assert error["message"].startswith("format: must be one of auto, text, jsonl")
+        assert error["message"].startswith("format: must be one of auto, text, jsonl, csv, parquet")
         assert_nothing_kept(settings)
 
     @pytest.mark.parametrize(

@@ -1,5 +1,6 @@
 """The streaming dataset validator: every accepted shape, every rejection with its exact line and
-message, and the same answers whatever the chunk boundaries."""
+message, the same answers whatever the chunk boundaries, and never text when the file's name or
+content says it is something else (CSV and Parquet themselves: test_dataset_tables.py)."""
 
 import io
 import json
@@ -26,9 +27,11 @@ def jsonl(*values: object) -> bytes:
     return b"".join(json.dumps(value).encode() + b"\n" for value in values)
 
 
-def rejection(data: bytes, format: str = "auto", size: int | None = None) -> DatasetError:
+def rejection(
+    data: bytes, format: str = "auto", size: int | None = None, filename: str | None = None
+) -> DatasetError:
     with pytest.raises(DatasetError) as caught:
-        validate(chunked(data, size) if size else [data], format)
+        validate(chunked(data, size) if size else [data], format, filename)
     return caught.value
 
 
@@ -77,7 +80,7 @@ class TestAccepted:
 
     @pytest.mark.parametrize(
         "data",
-        [b"plain words\n", b"[1, 2]\n", b'"a string"\n', b"42\n", b"{not json\n", b"\n\nhi\n"],
+        [b"plain words\n", b'"a string"\n', b"42\n", b"{not json\n", b"\n\nhi\n", b"text\n"],
     )
     def test_auto_picks_text_unless_the_first_line_is_an_object(self, data):
         assert validate([data]) == DatasetSummary("text", "text", 1)
@@ -401,3 +404,136 @@ class TestReadingExamples:
         examples = list(iter_examples([TECH_NEWS.encode()], "text"))
         assert len(examples) == 5
         assert examples[0].startswith("Apple Inc. released")
+
+
+PARQUET = b"PAR1" + b"\x15\x04\x15\x00\xff\xfe binary pages" + b"\x08\x00\x00\x00PAR1"
+ARRAY = b'[\n  {"text": "a"},\n  {"text": "b"}\n]\n'
+
+
+class TestNeverText:
+    """A file whose name or content says it is another format is never read as text."""
+
+    @pytest.mark.parametrize(
+        ("filename", "said", "format"),
+        [
+            ("data.csv", "CSV", "csv"),
+            ("DATA.CSV", "CSV", "csv"),
+            ("data.parquet", "Parquet", "parquet"),
+            ("data.pq", "Parquet", "parquet"),
+            ("data.jsonl", "JSONL", "jsonl"),
+            ("data.json", "JSON", "jsonl"),
+        ],
+    )
+    def test_a_name_that_says_another_format(self, filename, said, format):
+        error = rejection(b"plain words\n", "text", filename=filename)
+        assert error.line is None
+        assert str(error) == (
+            f'the file name "{filename}" says {said}, not text; send format={format} or auto, '
+            "or rename the file if it is text"
+        )
+
+    @pytest.mark.parametrize("format", ["auto", "text", "jsonl"])
+    @pytest.mark.parametrize("size", [1, 3, 4096])
+    @pytest.mark.parametrize(
+        "data",
+        [
+            ARRAY,
+            b"\n  \r\n" + ARRAY,
+            b'[{"text": "a"}, {"text": "b"}]',
+            b'[ "a line", "another" ]\n',
+            b"[1, 2]\n",
+        ],
+    )
+    def test_a_json_array_is_refused_with_what_to_send(self, data, format, size):
+        error = rejection(data, format, size)
+        assert error.line is None
+        assert str(error).startswith('the file starts with "[" like a JSON array')
+        assert "JSONL, one JSON object per line" in str(error)
+        assert "jq -c '.[]' data.json > data.jsonl" in str(error)
+
+    @pytest.mark.parametrize("filename", ["data.json", "data.jsonl", "data.txt", None])
+    def test_a_json_array_under_any_name(self, filename):
+        error = rejection(ARRAY, "auto", filename=filename)
+        assert str(error).startswith('the file starts with "[" like a JSON array')
+
+    def test_the_array_is_refused_before_the_rest_arrives(self):
+        validator = DatasetValidator("auto")
+        with pytest.raises(DatasetError, match="like a JSON array"):
+            validator.feed(b"[\n")
+
+    def test_a_bracket_later_in_the_file_is_text(self):
+        assert validate([b"first\n[second]\n"]) == DatasetSummary("text", "text", 2)
+
+    @pytest.mark.parametrize("first", [b"[INST] hi [/INST] hello", b"[1] Introduction", b"[]x"])
+    def test_text_that_only_starts_with_a_bracket_is_text(self, first):
+        assert validate([first + b"\nsecond\n"]) == DatasetSummary("text", "text", 2)
+
+    @pytest.mark.parametrize("format", ["text", "jsonl", "csv"])
+    @pytest.mark.parametrize("size", [1, 2, 4096])
+    def test_parquet_magic_bytes(self, format, size):
+        name = {"text": "text", "jsonl": "JSONL", "csv": "CSV"}[format]
+        error = rejection(PARQUET, format, size)
+        assert str(error) == (
+            f"the file is Parquet (it starts with PAR1), not {name}; send format=parquet or auto"
+        )
+
+    def test_parquet_magic_bytes_under_a_text_name(self):
+        error = rejection(PARQUET, "text", filename="data.txt")
+        assert str(error).startswith("the file is Parquet (it starts with PAR1), not text")
+
+    def test_declared_parquet_that_is_not(self):
+        error = rejection(b"plain words\n", "parquet")
+        assert str(error) == (
+            "not a Parquet file: it does not start with Parquet's magic bytes PAR1"
+        )
+
+    @pytest.mark.parametrize("filename", ["data.jsonl", "data.json"])
+    def test_auto_reads_a_json_name_as_jsonl(self, filename):
+        error = rejection(b"plain words\n", "auto", filename=filename)
+        assert str(error) == "line 1: not valid JSON (Expecting value at column 1)"
+        data = jsonl({"text": "a"}, {"text": "b"})
+        assert validate([data], filename=filename) == DatasetSummary("jsonl", "text", 2)
+
+    @pytest.mark.parametrize("filename", ["data.txt", "data", "notes.md", None])
+    def test_other_names_keep_the_content_rules(self, filename):
+        assert validate([b"plain\n"], filename=filename) == DatasetSummary("text", "text", 1)
+
+    @pytest.mark.parametrize("size", [1, 5, 4096])
+    @pytest.mark.parametrize(
+        ("data", "filename", "start"),
+        [
+            (b"words\n", "data.csv", "the file name"),
+            (PARQUET, "data.txt", "the file is Parquet"),
+            (ARRAY, "data.txt", 'the file starts with "["'),
+        ],
+    )
+    def test_text_given_after_the_data_is_refused_too(self, data, filename, start, size):
+        validator = DatasetValidator(None, filename=filename)
+        with pytest.raises(DatasetError) as caught:
+            for chunk in chunked(data, size):
+                validator.feed(chunk)
+            validator.set_format("text")
+        assert str(caught.value).startswith(start)
+
+    def test_jsonl_given_after_a_csv_name_reads_the_stored_lines(self):
+        # The lines of a .csv were left to the stored file; JSONL, given late, reads them there.
+        data = jsonl(PC, PC, {"text": "other"})
+        validator = DatasetValidator(None, filename="data.csv")
+        validator.feed(data)
+        validator.set_format("jsonl")
+        with pytest.raises(DatasetError) as caught:
+            validator.finish(lambda: io.BytesIO(data))
+        assert (
+            str(caught.value) == "line 3: expected the prompt/completion shape of line 1, got text"
+        )
+        validator = DatasetValidator(None, filename="data.csv")
+        validator.feed(jsonl(PC, PC))
+        validator.set_format("jsonl")
+        summary = validator.finish(lambda: io.BytesIO(jsonl(PC, PC)))
+        assert summary == DatasetSummary("jsonl", "prompt_completion", 2)
+
+    def test_a_table_needs_its_stored_file(self):
+        validator = DatasetValidator("csv")
+        validator.feed(b"text\na\n")
+        with pytest.raises(ValueError, match="stored file"):
+            validator.finish()

@@ -1,10 +1,14 @@
 """Reading, rendering, splitting and packing training data (no database needed)."""
 
+import csv
 import gc
+import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -14,6 +18,7 @@ from shared.models import Dataset
 from shared.settings import get_settings
 from tests.conftest import TINY_MODEL
 from worker.data import (
+    count_examples,
     iter_examples,
     iter_records,
     prepare_data,
@@ -43,6 +48,20 @@ def stored(body: bytes, *, format: str = "text", shape: str = "text") -> Dataset
     with storage.open_write(storage.dataset_key(dataset.id)) as stream:
         stream.write(body)
     return dataset
+
+
+def csv_body(header: list[str], rows: list[list[str]]) -> bytes:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(header)
+    writer.writerows(rows)
+    return out.getvalue().encode()
+
+
+def parquet_body(columns: dict[str, list[object]], **options: object) -> bytes:
+    out = io.BytesIO()
+    pq.write_table(pa.table(columns), out, **options)
+    return out.getvalue()
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[int]:
@@ -77,6 +96,50 @@ class TestReading:
             list(iter_examples(dataset))
         assert caught.value.code == "invalid_dataset" and caught.value.user_error
         assert "line 2" in caught.value.message
+
+    def test_csv_rows_come_as_objects_of_their_columns(self) -> None:
+        rows = [
+            {"prompt": "Q: two plus two?", "completion": " A: four"},
+            {"prompt": 'Q: a, b and\n"c"?', "completion": " 007"},
+        ]
+        body = csv_body(
+            ["id", "prompt", "completion"], [["1", r["prompt"], r["completion"]] for r in rows]
+        )
+        dataset = stored(body, format="csv", shape="prompt_completion")
+        assert list(iter_records(dataset)) == rows
+        assert count_examples(dataset) == 2
+
+        chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+        messages = stored(
+            csv_body(["messages"], [[json.dumps(chat)]]), format="csv", shape="messages"
+        )
+        assert list(iter_records(messages)) == [{"messages": chat}]
+
+    def test_parquet_rows_come_as_objects_of_their_columns(self) -> None:
+        texts = [f"example {n}" for n in range(7)]
+        dataset = stored(
+            parquet_body({"text": texts, "n": list(range(7))}, row_group_size=3), format="parquet"
+        )
+        assert list(iter_examples(dataset)) == texts
+        assert count_examples(dataset) == 7
+
+        chat = [{"role": "system", "content": "be brief"}, {"role": "assistant", "content": "ok"}]
+        messages = stored(
+            parquet_body({"messages": [chat, chat]}), format="parquet", shape="messages"
+        )
+        assert list(iter_records(messages)) == [{"messages": chat}] * 2
+
+    def test_a_corrupt_table_is_a_user_error_naming_the_row(self) -> None:
+        dataset = stored(
+            csv_body(["text"], [["fine"], ["also fine"]]) + b"bad \xff\n", format="csv"
+        )
+        with pytest.raises(JobFailure) as caught:
+            list(iter_examples(dataset))
+        assert caught.value.code == "invalid_dataset" and caught.value.user_error
+        assert "row 3" in caught.value.message
+        nulls = stored(parquet_body({"text": ["a", None]}), format="parquet")
+        with pytest.raises(JobFailure, match='row 2: field "text" must be a string, got null'):
+            list(iter_records(nulls))
 
     def test_a_missing_file_is_not_the_callers_fault(self) -> None:
         dataset = Dataset(id=new_id("ds"), filename="gone", format="text", shape="text")
@@ -176,6 +239,42 @@ class TestPacking:
         ]
         assert sorted(trained) == sorted(t for ids in completions for t in ids)
         assert data.train_stats.examples == 12 and data.train_stats.truncated == 0
+
+    @pytest.mark.parametrize("format", ["csv", "parquet"])
+    def test_a_table_trains_as_its_jsonl_twin(
+        self, tokenizer: PreTrainedTokenizerBase, format: str
+    ) -> None:
+        """A job reads a stored CSV or Parquet file into the same rows, split and packed the
+        same, as the JSONL file of the same examples."""
+        rows = [{"prompt": f"question {i}, ok?", "completion": f" answer {i}."} for i in range(30)]
+        jsonl = stored(
+            "".join(json.dumps(row) + "\n" for row in rows).encode(),
+            format="jsonl",
+            shape="prompt_completion",
+        )
+        if format == "csv":
+            body = csv_body(
+                ["prompt", "completion"], [[r["prompt"], r["completion"]] for r in rows]
+            )
+        else:
+            body = parquet_body(
+                {
+                    "completion": [r["completion"] for r in rows],
+                    "prompt": [r["prompt"] for r in rows],
+                },
+                row_group_size=7,
+            )
+        table = stored(body, format=format, shape="prompt_completion")
+
+        expected = prepare_data(tokenizer, jsonl, None, 0.2, block_size=32, seed=5)
+        data = prepare_data(tokenizer, table, None, 0.2, block_size=32, seed=5)
+
+        assert (data.train_examples, data.eval_examples) == (24, 6)
+        assert data.train_stats == expected.train_stats
+        assert data.eval_stats == expected.eval_stats
+        for index in range(len(expected.train)):
+            for key, values in expected.train[index].items():
+                assert data.train[index][key].tolist() == values.tolist()
 
     def test_the_cache_serves_a_second_preparation(
         self, tokenizer: PreTrainedTokenizerBase

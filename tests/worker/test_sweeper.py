@@ -22,7 +22,7 @@ from tests.api.conftest import upload
 from tests.conftest import TINY_MODEL
 from tests.rows import queued_job
 from tests.seed_data import TECH_NEWS
-from worker import token_cache
+from worker import token_cache, work_folders
 from worker.data import prepare_data
 from worker.sweeper import sweep
 
@@ -180,6 +180,26 @@ class TestSweep:
 
         assert sorted(sweep().work_folders) == sorted([names[0], names[2], names[3]])
         assert sorted(p.name for p in work.iterdir()) == sorted([names[1], names[4]])
+
+    def test_a_lost_attempt_that_lives_on_keeps_its_work_folder(self, sweeper_settings):
+        # Paused past its lease and continued, a worker trains on until it notices: its folder
+        # must not go from under it. Its lock goes with the process; the folder with the sweep.
+        job_id = new_job()
+        with session_scope() as session:
+            jobs.claim(session, job_id)
+            jobs.requeue(session, job_id, 1, "its worker stopped answering", lost=True)
+            jobs.claim(session, job_id)
+        with work_folders.for_attempt(job_id, 1) as folder:
+            assert sweep().work_folders == [] and folder.is_dir()
+        code = (
+            "import os, sys; from worker import work_folders\n"
+            f"with work_folders.for_attempt({job_id!r}, 1) as folder:\n"
+            "    print(folder, flush=True); os.kill(os.getpid(), 9)"
+        )
+        killed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        left = Path(killed.stdout.strip())
+        assert killed.returncode == -signal.SIGKILL and left.is_dir()
+        assert sweep().work_folders == [left.name] and not left.exists()
 
 
 def uploaded(client: TestClient, headers: dict[str, str], text: str) -> Dataset:
