@@ -159,11 +159,17 @@ def _peer_closed(handler: BaseHTTPRequestHandler) -> bool:
     return bool(readable) and handler.connection.recv(1, socket.MSG_PEEK) == b""
 
 
-def download_processes() -> list[psutil.Process]:
-    """The living `python -m worker.hub` processes (the worker's downloads) on this machine."""
+def download_processes(hub: "FakeHub") -> list[psutil.Process]:
+    """The living `python -m worker.hub` processes (a worker's downloads) that fetch from `hub`:
+    its address in their environment tells them from another test session's."""
     found = []
     for process in psutil.process_iter(["cmdline", "status"]):
         alive = process.info["status"] != psutil.STATUS_ZOMBIE
-        if alive and "worker.hub" in (process.info["cmdline"] or []):
-            found.append(process)
+        if not alive or "worker.hub" not in (process.info["cmdline"] or []):
+            continue
+        try:
+            if process.environ().get("HF_ENDPOINT") == hub.url:
+                found.append(process)
+        except (psutil.AccessDenied, psutil.NoSuchProcess):
+            continue
     return found

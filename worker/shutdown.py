@@ -55,9 +55,16 @@ def hand_back_on_sigterm() -> Iterator[None]:
 
 
 def forward_to_pool_children() -> None:
-    """In the Celery main process, on warm shutdown: pass the stop on to the training child."""
-    from billiard.process import active_children
+    """In the Celery main process, on warm shutdown: pass the stop on to the training child.
 
+    Only while a task is on its way or running (one pool process, one task at a time): an idle
+    child would die of the signal, and billiard would start another in the middle of the
+    shutdown; Celery stops an idle pool by itself."""
+    from billiard.process import active_children
+    from celery.worker import state
+
+    if not state.reserved_requests:
+        return
     for child in active_children():
         if child.pid is not None:
             logger.info("asking pool process %s to hand its job back", child.pid)

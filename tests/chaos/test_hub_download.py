@@ -33,7 +33,7 @@ def downloading(stack: Stack, hub: FakeHub) -> str:
     stack.wait_ready("first", worker)
     job_id = stack.create_job(base_model=REPO)
     assert hub.held.wait(60), stack.log("first").read_text()[-3000:]
-    assert len(download_processes()) == 1
+    assert len(download_processes(hub)) == 1
     return job_id
 
 
@@ -46,7 +46,7 @@ def test_a_cancel_stops_the_download_at_once(hub: FakeHub, stack: Stack) -> None
     stopped_s = now() - asked
 
     assert finished["status"] == "cancelled"
-    assert hub.dropped.wait(5) and not download_processes()
+    assert hub.dropped.wait(5) and not download_processes(hub)
     assert stopped_s < 3, stopped_s
     figures("hub.cancel", seconds_to_stop=round(stopped_s, 2))
 
@@ -66,5 +66,5 @@ def test_a_stopping_worker_hands_the_job_back_without_finishing_the_download(
     assert stack.row(job_id).status == "queued", stack.messages(job_id)
     assert "worker is shutting down" in stack.messages(job_id)[-1]
     assert hub.dropped.wait(5)
-    wait_for(lambda: not download_processes(), timeout=5, what="the download process to end")
+    wait_for(lambda: not download_processes(hub), timeout=5, what="the download process to end")
     figures("hub.sigterm", seconds_to_stop=round(stopped_s, 2))

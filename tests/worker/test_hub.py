@@ -195,7 +195,7 @@ def test_a_download_stops_at_once_for_a_cancel_or_a_shutdown(
 
     # The parent reads the cancel flag and the shutdown flag every 0.5 s.
     assert stopped_after_s < 3, stopped_after_s
-    assert download_processes() == []
+    assert download_processes(hub) == []
     job = load_job(job_id)
     assert job.status == ("cancelled" if stop == "cancel" else "queued"), job.error
     assert not any("loaded" in event.message for event in events_of(job_id))
@@ -218,10 +218,10 @@ def test_a_download_ends_soon_after_its_worker_is_killed(
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
         worker = subprocess.Popen([sys.executable, "-c", fetching])
         assert hub.held.wait(30), hub.served
-        assert len(download_processes()) == 1
+        assert len(download_processes(hub)) == 1
 
         worker.kill()  # SIGKILL: no cleanup of any kind in the worker
         worker.wait()
 
-        wait_for(lambda: download_processes() == [], timeout=5, what="the orphan to end")
+        wait_for(lambda: download_processes(hub) == [], timeout=5, what="the orphan to end")
         assert hub.dropped.wait(5)
