@@ -47,7 +47,16 @@ def _check_base_model(body: JobCreate) -> None:
             param="base_model",
         )
     limit = max_positions(config) if config else None
-    if limit is not None and body.hyperparameters.block_size > limit:
+    if body.eval_prompts and limit is not None and body.eval_max_new_tokens >= limit:
+        raise APIError(
+            422,
+            "eval_max_new_tokens_too_large",
+            f"eval_max_new_tokens {body.eval_max_new_tokens} leaves no room for a prompt in "
+            f"the model's {limit} positions; use at most {limit - 1}",
+            param="eval_max_new_tokens",
+        )
+    block_size = body.hyperparameters.block_size
+    if limit is not None and block_size != "auto" and block_size > limit:
         raise APIError(
             422,
             "block_size_too_large",
@@ -75,6 +84,15 @@ def _check_datasets(session: SessionDep, principal: PrincipalDep, body: JobCreat
             f"the validation dataset has the {shapes[1]} shape, the training dataset the "
             f"{shapes[0]} shape; they must match",
             param="validation_dataset_id",
+        )
+    chats = [i for i, prompt in enumerate(body.eval_prompts) if not isinstance(prompt, str)]
+    if chats and shapes[0] != "messages":
+        raise APIError(
+            422,
+            "invalid_request",
+            f"eval_prompts.{chats[0]} is a conversation, which only a messages dataset's chat "
+            f"template renders; this dataset has the {shapes[0]} shape: give a text prompt",
+            param=f"eval_prompts.{chats[0]}",
         )
 
 
@@ -122,7 +140,7 @@ def create_job(
         method=body.method,
         hyperparameters=body.hyperparameters.model_dump(mode="json"),
         lora=body.lora.model_dump(mode="json") if body.lora else None,
-        eval_prompts=body.eval_prompts,
+        eval_prompts=body.model_dump(mode="json")["eval_prompts"],
         eval_max_new_tokens=body.eval_max_new_tokens,
         truncation=body.truncation,
         dry_run=body.dry_run,

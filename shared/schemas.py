@@ -61,8 +61,10 @@ class Hyperparameters(BaseModel):
     gradient_accumulation_steps: int = Field(
         default=1, ge=1, le=1024, description="Steps summed into one optimizer step."
     )
-    block_size: int = Field(
-        default=512, ge=8, le=32768, description="Tokens per training block (packed)."
+    block_size: Annotated[int, Field(ge=8, le=32768)] | Literal["auto"] = Field(
+        default="auto",
+        description="Tokens per training block (packed), or `auto`: 512, or the base model's "
+        "positions where it has fewer.",
     )
     warmup_ratio: float = Field(default=0.0, ge=0, lt=1, description="Share of steps that warm up.")
     weight_decay: float = Field(default=0.0, ge=0, le=1, description="AdamW weight decay.")
@@ -93,6 +95,24 @@ class LoraConfig(BaseModel):
 BASE_MODEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$"
 
 
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=2000)
+
+
+# A sample prompt: text, or for a `messages` job a conversation, which the job's chat template
+# renders up to the assistant's turn (a text prompt there is one user message).
+EvalPrompt = (
+    Annotated[str, Field(min_length=1, max_length=2000)]
+    | Annotated[list[ChatMessage], Field(min_length=1, max_length=8)]
+)
+
+# The default learning rate of a LoRA job (a full fine-tune's is `Hyperparameters`' default).
+LORA_LEARNING_RATE = 2e-4
+
+
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -110,8 +130,12 @@ class JobCreate(BaseModel):
     method: Literal["full", "lora"] = "full"
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     lora: LoraConfig | None = Field(default=None, description="Only with method `lora`.")
-    eval_prompts: list[Annotated[str, Field(min_length=1, max_length=2000)]] = Field(
-        default_factory=list, max_length=20, description="Prompts sampled before and after."
+    eval_prompts: list[EvalPrompt] = Field(
+        default_factory=list,
+        max_length=20,
+        description="Prompts sampled before and after training: text, or for a `messages` "
+        "dataset a list of {role, content} messages (a text prompt there is one user message), "
+        "rendered with the chat template the job trains with.",
     )
     eval_max_new_tokens: int = Field(
         default=64, ge=1, le=1024, description="Tokens generated greedily per eval prompt."
@@ -136,6 +160,10 @@ class JobCreate(BaseModel):
     def _lora_only_with_lora_method(self) -> "JobCreate":
         if self.method == "lora" and self.lora is None:
             self.lora = LoraConfig()
+        if self.method == "lora" and "learning_rate" not in self.hyperparameters.model_fields_set:
+            # An adapter starts at zero and has few parameters: the full fine-tune's default
+            # barely moves it.
+            self.hyperparameters.learning_rate = LORA_LEARNING_RATE
         if self.method == "full" and self.lora is not None:
             raise ValueError("`lora` is set but `method` is `full`; use method `lora`")
         return self
@@ -159,7 +187,7 @@ class JobMetrics(BaseModel):
 
 
 class Sample(BaseModel):
-    prompt: str
+    prompt: str | list[dict[str, str]]
     base: str
     tuned: str | None = None
 
@@ -227,7 +255,7 @@ class JobRead(BaseModel):
     method: Literal["full", "lora"]
     hyperparameters: Hyperparameters
     lora: LoraConfig | None
-    eval_prompts: list[str]
+    eval_prompts: list[str | list[dict[str, str]]]
     eval_max_new_tokens: int
     truncation: Literal["truncate", "drop"]
     dry_run: bool

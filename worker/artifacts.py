@@ -113,7 +113,7 @@ class CardFacts:
     hyperparameters: dict[str, Any]
     training: dict[str, Any]  # steps, blocks, tokens, device
     metrics: dict[str, Any]
-    samples: list[dict[str, str]]  # prompt, base, tuned
+    samples: list[dict[str, Any]]  # prompt (text or a conversation), base, tuned
     suffix: str | None
     method: str = "full"
     lora: dict[str, Any] | None = None
@@ -147,6 +147,14 @@ def _how_to_load(facts: CardFacts) -> list[str]:
 
 def _number(value: Any) -> str:
     return "n/a" if value is None else f"{value:.4f}"
+
+
+def _prompt(prompt: str | list[dict[str, str]]) -> str:
+    """A text prompt in code, or a conversation as its turns (rendered by the chat template)."""
+    if isinstance(prompt, str):
+        return f"`{prompt}`"
+    turns = "; ".join(f"{message['role']}: `{message['content']}`" for message in prompt)
+    return f"a conversation, through the chat template ({turns})"
 
 
 def _quote(text: str) -> str:
@@ -204,7 +212,7 @@ def render_model_card(facts: CardFacts) -> str:
         lines += ["## Samples", "", "Greedy decoding, before and after fine-tuning.", ""]
         for sample in facts.samples:
             lines += [
-                f"**Prompt:** `{sample['prompt']}`",
+                f"**Prompt:** {_prompt(sample['prompt'])}",
                 "",
                 "Base model:",
                 "",

@@ -1,5 +1,7 @@
 """The rule that turns `"auto"` hyperparameters into numbers, from the data and the model.
 
+- block_size: 512 tokens, or the model's positions where it has fewer (resolved before the data
+  are packed: the rest depends on it).
 - batch_size: blocks per step such that a step sees about 16k tokens (the largest power of
   two <= 16384 / block_size), between 1 and 64, and never more than the training blocks.
 - epochs: enough passes that training sees about 2M tokens (ceil(2M / training tokens)),
@@ -15,10 +17,17 @@ import math
 
 from shared.schemas import Hyperparameters
 
+BLOCK_SIZE = 512
 TOKENS_PER_STEP = 16_384
 TOKENS_SEEN = 2_000_000
 REFERENCE_PARAMETERS = 124_000_000
 REFERENCE_LEARNING_RATE = 5e-5
+
+
+def resolve_block_size(hyperparameters: Hyperparameters, max_positions: int | None) -> int:
+    if hyperparameters.block_size != "auto":
+        return hyperparameters.block_size
+    return min(BLOCK_SIZE, max_positions) if max_positions else BLOCK_SIZE
 
 
 def auto_batch_size(block_size: int, train_blocks: int) -> int:
@@ -49,7 +58,7 @@ def resolve(
     """A copy with every `"auto"` replaced by the rule's number; other values are kept."""
     resolved: dict[str, float | int] = {}
     if hyperparameters.batch_size == "auto":
-        resolved["batch_size"] = auto_batch_size(hyperparameters.block_size, train_blocks)
+        resolved["batch_size"] = auto_batch_size(int(hyperparameters.block_size), train_blocks)
     if hyperparameters.epochs == "auto":
         resolved["epochs"] = auto_epochs(train_tokens)
     if hyperparameters.learning_rate == "auto":

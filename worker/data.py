@@ -1,8 +1,8 @@
 """Training data: read a stored dataset, split it, tokenize it with its loss mask, and pack it.
 
 - `text`: the old `transformers.TextDataset` blocks: every example gets EOS appended, the token
-  stream is concatenated and cut into `block_size` blocks, the tail that does not fill a block is
-  dropped, and every token is trained.
+  stream is concatenated and cut into `block_size` blocks, the tail that does not fill a block
+  is a last, shorter block (padded where the loss ignores it), and every token is trained.
 - `prompt_completion` and `messages`: each example is tokenized with its label mask
   (`worker.masking`) and whole examples are packed into rows of at most `block_size` tokens with
   restarting position ids (`worker.packing`); an example longer than a block is truncated or
@@ -109,29 +109,37 @@ def validation_mask(examples: int, split: float, seed: int) -> bytearray:
 class PackedBlocks(TorchDataset):
     """Equal-length blocks of token ids; labels are the inputs (the model shifts them).
 
-    All blocks are full, so there is no padding, and no collator can mistake an EOS that
-    doubles as the pad token for padding and mask it out of the loss.
+    Every block is full but the last, which holds the text's tail: it is padded at its end,
+    where the loss ignores it (labels -100). Causal attention needs no mask for that: no real
+    token attends to a later position. The labels, not the token ids, say what is padding, so
+    no collator can mistake an EOS that doubles as the pad token for padding.
     """
 
-    def __init__(self, blocks: torch.Tensor) -> None:
+    def __init__(self, blocks: torch.Tensor, last_length: int | None = None) -> None:
         self.blocks = blocks
+        self.last_length = blocks.shape[1] if last_length is None else last_length
 
     def __len__(self) -> int:
         return self.blocks.shape[0]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         ids = self.blocks[index].long()
-        return {"input_ids": ids, "labels": ids.clone()}
+        labels = ids.clone()
+        if index in (-1, len(self) - 1):
+            labels[self.last_length :] = -100
+        return {"input_ids": ids, "labels": labels}
 
     @property
     def tokens(self) -> int:
-        return self.blocks.numel()
+        return self.blocks.numel() - (self.blocks.shape[1] - self.last_length)
 
     @classmethod
     def of(cls, packed: PackedData, block_size: int) -> "PackedBlocks":
-        """Text rows as blocks: all `block_size` long, or one shorter validation block."""
-        width = block_size if len(packed) != 1 else int(packed.row_offsets[1])
-        return cls(torch.from_numpy(packed.input_ids).view(len(packed), width))
+        """Text rows as blocks of `block_size`, the shorter last one padded."""
+        blocks = torch.zeros((len(packed), block_size), dtype=torch.int32)
+        blocks.view(-1)[: len(packed.input_ids)] = torch.from_numpy(packed.input_ids)
+        last = int(packed.row_offsets[-1] - packed.row_offsets[-2]) if len(packed) else 0
+        return cls(blocks, last_length=last)
 
 
 @dataclass
@@ -234,7 +242,7 @@ def prepare_data(
     elif shape == "text":
         streams = _token_streams(batches)
         train = pack_token_stream(streams[False].ids, streams[False].examples, block_size)
-        held_out = _pack_eval(streams[True], block_size)
+        held_out = pack_token_stream(streams[True].ids, streams[True].examples, block_size)
     else:
         examples = _examples(batches)
         pack = bool(options["pack"])
@@ -352,15 +360,6 @@ def _batches(split: Iterable[tuple[bool, Any]]) -> Iterator[tuple[bool, list[Any
     for is_held_out, records in pending.items():
         if records:
             yield is_held_out, records
-
-
-def _pack_eval(held_out: _TokenStream, block_size: int) -> PackedData:
-    # A validation set smaller than one block would leave nothing to evaluate on; one shorter
-    # block still gives an honest loss over the held-out tokens.
-    packed = pack_token_stream(held_out.ids, held_out.examples, block_size)
-    if len(packed) == 0 and held_out.examples:
-        return pack_token_stream(held_out.ids, held_out.examples, block_size, keep_tail=True)
-    return packed
 
 
 def _cache_keys(

@@ -167,6 +167,14 @@ def _render(
     return rendered
 
 
+def render_prompts(
+    tokenizer: PreTrainedTokenizerBase, conversations: list[list[dict[str, Any]]]
+) -> list[str]:
+    """Conversations rendered as the job's chat template renders them up to the assistant's
+    turn: prompts for samples of a chat model."""
+    return _render(tokenizer, chat_template_of(tokenizer), conversations, gen=True)
+
+
 def render_conversations(
     tokenizer: PreTrainedTokenizerBase, conversations: list[list[dict[str, Any]]]
 ) -> list[tuple[str, list[tuple[int, int]]]]:

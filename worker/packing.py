@@ -2,8 +2,8 @@
 
 Two layouts:
 - `text` keeps the seed's blocks: every example's ids (EOS included) concatenated and cut into
-  full `block_size` blocks, the tail dropped, labels equal to the inputs. Attention crosses
-  examples inside a block, as it always did for plain text.
+  `block_size` blocks, the tail a shorter last one, labels equal to the inputs. Attention
+  crosses examples inside a block, as it always did for plain text.
 - masked shapes (`prompt_completion`, `messages`) are packed *whole*: first-fit over a window of
   open rows, in file order. Each example is a segment whose position ids restart at 0 and whose
   first label is -100 (its first token is never predicted from the previous example). With a
@@ -76,26 +76,23 @@ class PackedData:
         return {"input_ids": ids, "labels": labels, "position_ids": positions}
 
 
-def pack_text(
-    examples: Iterable[TokenizedExample], block_size: int, *, keep_tail: bool = False
-) -> PackedData:
-    """The seed's blocks: all ids concatenated, cut into `block_size` blocks, tail dropped (kept
-    as one short last row with `keep_tail`, for a validation set smaller than a block)."""
+def pack_text(examples: Iterable[TokenizedExample], block_size: int) -> PackedData:
+    """The seed's blocks: all ids concatenated, cut into `block_size` blocks, and the tail that
+    does not fill one as a shorter last row, so that every token is trained (a tail of one
+    token predicts nothing, and is left out)."""
     ids = array("i")
     count = 0
     for example in examples:
         ids.extend(example.input_ids)
         count += 1
-    return pack_token_stream(ids, count, block_size, keep_tail=keep_tail)
+    return pack_token_stream(ids, count, block_size)
 
 
-def pack_token_stream(
-    ids: array, examples: int, block_size: int, *, keep_tail: bool = False
-) -> PackedData:
+def pack_token_stream(ids: array, examples: int, block_size: int) -> PackedData:
     """`pack_text` for ids already concatenated (each example's followed by EOS)."""
     stats = PackStats(examples=examples)
     full = len(ids) // block_size * block_size
-    end = len(ids) if keep_tail and len(ids) - full >= 2 else full
+    end = len(ids) if len(ids) - full >= 2 else full
     lengths = [block_size] * (full // block_size) + ([end - full] if end > full else [])
     offsets = offsets_of(lengths)
     stats.rows = len(lengths)

@@ -49,7 +49,7 @@ from worker.errors import (
 )
 from worker.lease import Lease, retry_on_outage
 from worker.lora import apply_lora, save_lora
-from worker.masking import DEFAULT_CHAT_TEMPLATE
+from worker.masking import DEFAULT_CHAT_TEMPLATE, render_prompts
 from worker.plan import Plan, plan, rendered_examples
 from worker.trainer import (
     BaseModel,
@@ -220,6 +220,7 @@ def _train(lease: Lease, workdir: Path) -> None:
         hyperparameters=inputs.hyperparameters,
         method=job.method,
         truncation=job.truncation,
+        max_positions=base.max_positions,
     )
     inputs.hyperparameters = job_plan.hyperparameters
     data = job_plan.data
@@ -232,14 +233,17 @@ def _train(lease: Lease, workdir: Path) -> None:
     restored = restore_newest(lease, workdir / "resume")
     resumed = restored[0] if restored else None
     trainer, callback, saver = _make_trainer(lease, base, job_plan, workdir, state, resumed)
-    baseline_samples = _samples(lease, trainer, base, job, "base model")
+    sampling = _sampling(lease, job, base, inputs.dataset.shape)
+    baseline_samples = _samples(lease, trainer, base, sampling, "base model")
     with causal_attention(trainer.model, data.train) as causal:
         state.training["attention"] = "causal" if causal else "masked"
         _fit(lease, trainer, data, state, restored, callback, saver)
-    tuned_samples = _samples(lease, trainer, base, job, "fine-tuned model")
+    tuned_samples = _samples(lease, trainer, base, sampling, "fine-tuned model")
     state.samples = [
-        {"prompt": before["prompt"], "base": before["completion"], "tuned": after["completion"]}
-        for before, after in zip(baseline_samples, tuned_samples, strict=True)
+        {"prompt": prompt, "base": before, "tuned": after}
+        for prompt, before, after in zip(
+            job.eval_prompts, baseline_samples, tuned_samples, strict=True
+        )
     ]
     lease.check()
 
@@ -391,20 +395,57 @@ def _make_trainer(
     return trainer, callback, saver
 
 
+@dataclass
+class Sampling:
+    """The job's sample prompts as the model continues them, and how far."""
+
+    prompts: list[Any]  # as the job gives them: text, or conversations
+    texts: list[str]
+    rendered: bool  # by the chat template
+    max_new_tokens: int
+
+
+def _sampling(lease: Lease, job: Job, base: BaseModel, shape: str) -> Sampling:
+    """A `messages` job's prompts go through the chat template it trains with (a text prompt
+    is one user message), so that its samples show the model in chat use. The API refuses
+    more new tokens than a local model has positions; a Hub model's are known only here."""
+    max_new_tokens, positions = job.eval_max_new_tokens, base.max_positions
+    if job.eval_prompts and positions is not None and max_new_tokens >= positions:
+        lease.event(
+            f"eval_max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's "
+            f"{positions} positions; the samples generate {positions - 1}",
+            level="warning",
+        )
+        max_new_tokens = positions - 1
+    if shape != "messages":
+        return Sampling(job.eval_prompts, list(job.eval_prompts), False, max_new_tokens)
+    conversations = [
+        [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        for prompt in job.eval_prompts
+    ]
+    texts = render_prompts(base.tokenizer, conversations) if conversations else []
+    return Sampling(job.eval_prompts, texts, True, max_new_tokens)
+
+
 def _samples(
-    lease: Lease, trainer: Trainer, base: BaseModel, job: Job, which: str
-) -> list[dict[str, str]]:
-    samples = generate_samples(
+    lease: Lease, trainer: Trainer, base: BaseModel, sampling: Sampling, which: str
+) -> list[str]:
+    completions = generate_samples(
         trainer.model,
         base.tokenizer,
-        job.eval_prompts,
+        sampling.texts,
         max_positions=base.max_positions,
-        max_new_tokens=job.eval_max_new_tokens,
+        max_new_tokens=sampling.max_new_tokens,
+        rendered=sampling.rendered,
         on_progress=lease.keep_going,
     )
-    if samples:
+    if completions:
+        samples = [
+            {"prompt": prompt, "completion": completion}
+            for prompt, completion in zip(sampling.prompts, completions, strict=True)
+        ]
         lease.event(f"samples from the {which}", data={"model": which, "samples": samples})
-    return samples
+    return completions
 
 
 def _evaluate(

@@ -18,7 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from shared.models import Dataset
 from shared.schemas import Hyperparameters
-from worker.auto_hyperparameters import resolve
+from worker.auto_hyperparameters import resolve, resolve_block_size
 from worker.collate import Mode, collator_mode
 from worker.data import PreparedData, iter_records, prepare_data, steps_per_epoch
 from worker.lease import Lease
@@ -49,7 +49,7 @@ def peak_memory_bytes(model: PreTrainedModel, hp: Hyperparameters, *, bf16: bool
     parameters = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     config = model.config.get_text_config()
-    tokens = int(hp.batch_size) * hp.block_size
+    tokens = int(hp.batch_size) * int(hp.block_size)
     activations = tokens * config.num_hidden_layers * ACTIVATION_VALUES_PER_HIDDEN
     activations *= config.hidden_size * (2 if bf16 else 4)
     logits = 2 * tokens * config.vocab_size * 4
@@ -73,15 +73,18 @@ def plan(
     hyperparameters: Hyperparameters,
     method: str,
     truncation: str,
+    max_positions: int | None,
 ) -> Plan:
     """Tokenize and pack the data (or take it from the cache), resolve `auto`, and report."""
+    block_size = resolve_block_size(hyperparameters, max_positions)
+    hyperparameters = hyperparameters.model_copy(update={"block_size": block_size})
     mode = collation(model, dataset.shape)
     data = prepare_data(
         tokenizer,
         dataset,
         validation,
         validation_split,
-        block_size=hyperparameters.block_size,
+        block_size=block_size,
         seed=hyperparameters.seed,
         truncation=truncation,
         mode=mode,

@@ -40,7 +40,7 @@ from worker.packing import OPEN_ROWS, PackedData, PackStats
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # bump whenever masking or packing output changes for the same inputs
+CACHE_VERSION = 2  # bump whenever masking or packing output changes for the same inputs
 _TEMP_PREFIX = ".tmp-"
 _STALE_TEMP_S = 24 * 3600
 # tokenizer_config.json keys that say where a tokenizer was loaded from, not what it does.

@@ -119,7 +119,11 @@ def _no_stop() -> None:
 
 
 def load_base_model(
-    name: str, settings: Settings, *, block_size: int, keep_going: Callable[[], None] = _no_stop
+    name: str,
+    settings: Settings,
+    *,
+    block_size: int | str,
+    keep_going: Callable[[], None] = _no_stop,
 ) -> BaseModel:
     """Load tokenizer and model in fp32 (mixed precision happens in Trainer) with SDPA. A Hub
     model is fetched into the Hub cache first; `keep_going` is called during the download and
@@ -132,7 +136,7 @@ def load_base_model(
         config = AutoConfig.from_pretrained(folder, **safe)
         max_positions = _max_positions(config)
         # Checked before the weights load: a wrong block size should fail in seconds.
-        if max_positions is not None and block_size > max_positions:
+        if max_positions is not None and block_size != "auto" and int(block_size) > max_positions:
             raise JobFailure(
                 "block_size_too_large",
                 f"block_size {block_size} exceeds the {max_positions} positions of base model "
@@ -161,6 +165,7 @@ def load_base_model(
             f"base model {name!r} cannot be fine-tuned: {_first_line(exc)}",
             user_error=True,
         ) from exc
+    check_tokenizer(tokenizer, folder, name)
     if tokenizer.pad_token is None:
         # Causal LMs often ship without a pad token; blocks are never padded, so EOS is safe.
         tokenizer.pad_token = tokenizer.eos_token
@@ -173,6 +178,22 @@ def load_base_model(
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return BaseModel(model, tokenizer, source, max_positions)
+
+
+def check_tokenizer(tokenizer: PreTrainedTokenizerBase, folder: Path, name: str) -> None:
+    """Refuse a tokenizer that turns text into nothing: transformers loads one, empty, from a
+    folder without tokenizer files, and every example would become a lone EOS."""
+    if tokenizer("Hello, world. 123", add_special_tokens=False)["input_ids"]:
+        return
+    files = sorted(path.name for path in folder.iterdir())
+    shown = ", ".join(files[:12]) + (f" and {len(files) - 12} more" if len(files) > 12 else "")
+    raise JobFailure(
+        "base_model_invalid",
+        f"base model {name!r} has no usable tokenizer: it turns text into no tokens. Its folder "
+        "needs the model's tokenizer files (tokenizer.json, or vocab.json and merges.txt, or "
+        f"tokenizer.model); it holds {shown}",
+        user_error=True,
+    )
 
 
 def _first_line(exc: BaseException) -> str:
@@ -425,16 +446,18 @@ def generate_samples(
     *,
     max_positions: int | None,
     max_new_tokens: int,
+    rendered: bool = False,
     on_progress: Callable[[], object] | None = None,
-) -> list[dict[str, str]]:
-    """Greedy continuations of each prompt, one prompt at a time (no padding to get wrong)."""
+) -> list[str]:
+    """The greedy continuation of each prompt, one prompt at a time (no padding to get wrong).
+    `rendered` prompts come from a chat template, which writes its own special tokens."""
     if not prompts:
         return []
     was_training = model.training
     model.eval()
     samples = []
     for prompt in prompts:
-        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=not rendered)["input_ids"]
         if max_positions is not None:  # keep the end of a long prompt, leave room to answer
             ids = ids[:, -max(1, max_positions - max_new_tokens) :]
         ids = ids.to(model.device)
@@ -446,8 +469,7 @@ def generate_samples(
             num_beams=1,
             pad_token_id=tokenizer.pad_token_id,
         )
-        completion = tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True)
-        samples.append({"prompt": prompt, "completion": completion})
+        samples.append(tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True))
         if on_progress is not None:
             on_progress()
     model.train(was_training)

@@ -1,5 +1,7 @@
 """The jobs endpoints, on SQLite and PostgreSQL (see the `settings` fixture)."""
 
+import json
+
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
@@ -56,7 +58,7 @@ class TestCreateJob:
             "learning_rate": 5e-05,
             "batch_size": 8,
             "gradient_accumulation_steps": 1,
-            "block_size": 512,
+            "block_size": "auto",
             "warmup_ratio": 0.0,
             "weight_decay": 0.0,
             "lr_scheduler": "linear",
@@ -68,6 +70,47 @@ class TestCreateJob:
         assert job["metrics"]["baseline_eval_loss"] is None
         assert job["attempt"] == 0 and job["error"] is None and job["artifact"] is None
         assert job["created_at"].endswith("Z") and job["started_at"] is None
+
+    @pytest.mark.parametrize(
+        ("body", "learning_rate"),
+        [
+            ({"method": "lora"}, 2e-4),  # an adapter needs larger steps than the whole model
+            ({"method": "lora", "hyperparameters": {"learning_rate": 1e-5}}, 1e-5),
+            ({"method": "lora", "hyperparameters": {"learning_rate": "auto"}}, "auto"),
+            ({"method": "full"}, 5e-5),
+        ],
+    )
+    def test_the_default_learning_rate_fits_the_method(
+        self, client, auth_headers, dataset_id, body, learning_rate
+    ):
+        response = create(client, auth_headers, dataset_id=dataset_id, **body)
+        assert response.status_code == 201, response.text
+        assert response.json()["hyperparameters"]["learning_rate"] == learning_rate
+
+    def test_block_size_auto_is_accepted(self, client, auth_headers, dataset_id):
+        auto = create(
+            client, auth_headers, dataset_id=dataset_id, hyperparameters={"block_size": "auto"}
+        )
+        assert auto.status_code == 201 and auto.json()["hyperparameters"]["block_size"] == "auto"
+
+    def test_a_chat_dataset_takes_conversations_as_eval_prompts(self, client, auth_headers):
+        line = {
+            "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+        }
+        chat = client.post(
+            "/datasets",
+            headers=auth_headers,
+            files={"file": ("chat.jsonl", (json.dumps(line) + "\n").encode())},
+        ).json()["id"]
+        prompts = [
+            "hi",
+            [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+        ]
+
+        response = create(client, auth_headers, dataset_id=chat, eval_prompts=prompts)
+
+        assert response.status_code == 201, response.text
+        assert response.json()["eval_prompts"] == prompts
 
     def test_full_body_round_trips(self, client, auth_headers, dataset_id):
         validation_id = upload(client, auth_headers, "held out line one\nheld out line two\n")
@@ -156,6 +199,24 @@ class TestCreateJob:
             ({"eval_prompts": ["ok", ""]}, 422, "invalid_request", "eval_prompts.1"),
             ({"truncation": "cut"}, 422, "invalid_request", "truncation"),
             ({"eval_max_new_tokens": 0}, 422, "invalid_request", "eval_max_new_tokens"),
+            (  # the tiny model has 1024 positions: no room left for a prompt
+                {"eval_prompts": ["the"], "eval_max_new_tokens": 1024},
+                422,
+                "eval_max_new_tokens_too_large",
+                "eval_max_new_tokens",
+            ),
+            (  # a conversation needs a chat template, which a text dataset is not trained with
+                {"eval_prompts": ["ok", [{"role": "user", "content": "hi"}]]},
+                422,
+                "invalid_request",
+                "eval_prompts.1",
+            ),
+            (
+                {"eval_prompts": [[{"role": "robot", "content": "hi"}]]},
+                422,
+                "invalid_request",
+                "eval_prompts.0",
+            ),
             ({"validation_split": 0.9}, 422, "invalid_request", "validation_split"),
             ({"method": "qlora"}, 422, "invalid_request", "method"),
             ({"lora": {"r": 8}}, 422, "invalid_request", None),

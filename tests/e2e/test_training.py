@@ -169,12 +169,15 @@ class TestProductionStack:
 
     def test_a_dataset_too_small_fails_as_a_user_error_and_the_worker_goes_on(self, stack):
         client, worker, _ = stack
-        tiny = client.upload(b"hi\n", filename="tiny.txt")
+        # Every example longer than a block, and left out: nothing to train.
+        pairs = b'{"prompt": "why why why why why", "completion": "because because because"}\n'
+        tiny = client.upload(pairs * 3, filename="pairs.jsonl")
         failed = client.create_job(
             base_model=TINY_MODEL,
             dataset_id=tiny["id"],
             validation_split=0.0,
-            hyperparameters={"block_size": 512},
+            truncation="drop",
+            hyperparameters={"block_size": 8},
         )
         result = client.wait(failed["id"], timeout=120)
         assert result["status"] == "failed"

@@ -150,20 +150,30 @@ class TestReading:
 
 @pytest.mark.usefixtures("home")
 class TestPacking:
-    def test_examples_end_with_eos_and_the_tail_is_dropped(
+    def test_examples_end_with_eos_and_the_tail_is_a_padded_last_block(
         self, tokenizer: PreTrainedTokenizerBase
     ) -> None:
-        texts = [f"line number {i} of the text" for i in range(30)]
+        texts = [f"line number {i} of the text" for i in range(31)]
         dataset = stored(("\n".join(texts) + "\n").encode())
 
         data = prepare_data(tokenizer, dataset, None, 0.0, block_size=16, seed=1)
 
         expected = encode(tokenizer, texts)
-        assert len(data.train) == len(expected) // 16
-        assert data.train.blocks.flatten().tolist() == expected[: len(data.train) * 16]
+        tail = len(expected) % 16
+        assert tail >= 2, "pick texts whose tail has something to predict"
+        assert len(data.train) == len(expected) // 16 + 1
+        assert data.train.tokens == data.train_stats.tokens == len(expected)  # none dropped
+        assert data.train.blocks.flatten().tolist()[: len(expected)] == expected
         assert data.eval is None and data.eval_examples == 0
         item = data.train[0]
         assert item["input_ids"].tolist() == item["labels"].tolist() == expected[:16]
+        last = data.train[len(data.train) - 1]
+        assert (
+            last["input_ids"][:tail].tolist()
+            == last["labels"][:tail].tolist()
+            == (expected[-tail:])
+        )
+        assert last["labels"][tail:].tolist() == [-100] * (16 - tail)  # the padding
 
     def test_the_split_holds_out_whole_examples_chosen_by_the_seed(
         self, tokenizer: PreTrainedTokenizerBase
@@ -179,9 +189,9 @@ class TestPacking:
         kept = [text for text, out in zip(texts, mask, strict=True) if not out]
         # Each split is its own examples' tokens only: no block mixes train and eval.
         train_ids, eval_ids = encode(tokenizer, kept), encode(tokenizer, held_out)
-        assert data.train.blocks.flatten().tolist() == train_ids[: data.train.tokens]
+        assert data.train.blocks.flatten().tolist()[: data.train.tokens] == train_ids
         assert data.eval is not None
-        assert data.eval.blocks.flatten().tolist() == eval_ids[: data.eval.tokens]
+        assert data.eval.blocks.flatten().tolist()[: data.eval.tokens] == eval_ids
 
     def test_the_split_is_deterministic_per_seed(self) -> None:
         assert validation_mask(1000, 0.1, 42) == validation_mask(1000, 0.1, 42)
@@ -201,7 +211,7 @@ class TestPacking:
         assert data.train_examples == 20 and data.eval_examples == 10
         expected = encode(tokenizer, ["a dog ran in the park today"] * 10)
         assert data.eval is not None
-        assert data.eval.blocks.flatten().tolist() == expected[: data.eval.tokens]
+        assert data.eval.blocks.flatten().tolist()[: data.eval.tokens] == expected
 
     def test_a_validation_set_shorter_than_a_block_is_one_short_block(
         self, tokenizer: PreTrainedTokenizerBase
@@ -212,7 +222,9 @@ class TestPacking:
         data = prepare_data(tokenizer, train, held_out, 0.0, block_size=32, seed=0)
 
         assert data.eval is not None and data.eval_is_short_block
-        assert data.eval.blocks.tolist() == [encode(tokenizer, ["short"])]
+        short = encode(tokenizer, ["short"])
+        assert len(data.eval) == 1 and data.eval.tokens == len(short)
+        assert data.eval[0]["labels"].tolist() == short + [-100] * (32 - len(short))
 
     def test_prompt_completion_rows_train_only_completions(
         self, tokenizer: PreTrainedTokenizerBase
@@ -287,17 +299,24 @@ class TestPacking:
         assert again.train.blocks.tolist() == first.train.blocks.tolist()
         assert again.train_stats == first.train_stats
 
-    def test_too_little_data_for_one_block_is_a_user_error(
+    def test_less_data_than_one_block_trains_as_one_short_block(
         self, tokenizer: PreTrainedTokenizerBase
     ) -> None:
         dataset = stored(b"hi\nthere\n")
+
+        data = prepare_data(tokenizer, dataset, None, 0.0, block_size=64, seed=0)
+
+        assert len(data.train) == 1 and data.train.tokens == len(encode(tokenizer, ["hi", "there"]))
+
+    def test_no_example_left_to_train_is_a_user_error(
+        self, tokenizer: PreTrainedTokenizerBase
+    ) -> None:
+        rows = [{"prompt": "question " * 20, "completion": "answer " * 20} for _ in range(4)]
+        body = "".join(json.dumps(row) + "\n" for row in rows).encode()
+        dataset = stored(body, format="jsonl", shape="prompt_completion")
         with pytest.raises(JobFailure) as caught:
-            prepare_data(tokenizer, dataset, None, 0.0, block_size=64, seed=0)
+            prepare_data(tokenizer, dataset, None, 0.0, block_size=8, seed=0, truncation="drop")
         assert caught.value.code == "dataset_too_small" and caught.value.user_error
-        assert "validation split" not in caught.value.message  # none was taken
-        with pytest.raises(JobFailure) as split:
-            prepare_data(tokenizer, dataset, None, 0.5, block_size=64, seed=0)
-        assert "after the validation split" in split.value.message
         assert gc.isenabled()  # preparing pauses the cyclic collector; a failure restarts it
 
 

@@ -23,6 +23,7 @@ from worker import pipeline
 from worker.trainer import logging_steps
 
 SAMPLER = "torch/utils/data/sampler.py"
+LOADER = "torch/utils/data/dataloader.py"
 # Eager transformers asks whether packed rows hold several examples with one read per forward
 # (`find_packed_sequence_indices`); under `compile` it does not. Our masked shapes pay it.
 TRANSFORMERS_PACKING_CHECK = "transformers/masking_utils.py"
@@ -69,6 +70,13 @@ class HostReads(TrainerCallback):
             self.mode.__exit__(None, None, None)
 
 
+def epoch_start(frame: traceback.FrameSummary) -> bool:
+    """Each epoch the sampler draws its order, and a new loader iterator its base seed, from
+    CPU generators, on a GPU machine too: no device value is read."""
+    loader_seed = frame.filename.endswith(LOADER) and frame.name == "__init__"
+    return frame.filename.endswith(SAMPLER) or loader_seed
+
+
 class ReadRecorder(TorchFunctionMode):
     def __init__(self, reads: HostReads) -> None:
         super().__init__()
@@ -77,8 +85,7 @@ class ReadRecorder(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         if func in HOST_READS:
             callers = traceback.extract_stack(limit=8)[:-1]
-            # The sampler draws each epoch's order with a CPU generator, on a GPU machine too.
-            if not any(frame.filename.endswith(SAMPLER) for frame in callers):
+            if not any(epoch_start(frame) for frame in callers):
                 caller = callers[-1]
                 where = caller.filename.split("site-packages/")[-1]
                 self.reads.by_step[self.reads.step].append(f"{where}:{caller.lineno}")

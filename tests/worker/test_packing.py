@@ -69,7 +69,7 @@ def random_examples(rng: np.random.Generator, count: int, longest: int) -> list[
 
 
 class TestPackText:
-    def test_concatenates_and_cuts_full_blocks_dropping_the_tail(self) -> None:
+    def test_concatenates_and_cuts_blocks_leaving_out_a_tail_that_predicts_nothing(self) -> None:
         examples = [example(5, 0, 0), example(4, 0, 100), example(4, 0, 200)]  # 13 tokens
         data = pack_text(examples, block_size=4)
         stream = [*range(5), *range(100, 104), *range(200, 204)]
@@ -81,10 +81,16 @@ class TestPackText:
         assert stats.trainable_tokens == 3 * 3  # the first token of a block is never a target
         assert fill_rate(data, 4) == 1.0
 
-    def test_keep_tail_makes_a_short_last_row(self) -> None:
-        data = pack_text([example(6, 0, 0)], block_size=4, keep_tail=True)
+    def test_the_tail_is_a_short_last_row(self) -> None:
+        data = pack_text([example(6, 0, 0)], block_size=4)
         assert [row["input_ids"] for row in rows(data)] == [[0, 1, 2, 3], [4, 5]]
-        assert data.stats.discarded_tokens == 0
+        stats = data.stats
+        assert (stats.rows, stats.tokens, stats.trainable_tokens, stats.discarded_tokens) == (
+            2,
+            6,
+            4,
+            0,
+        )
 
 
 class TestPackExamples:

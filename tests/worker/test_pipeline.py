@@ -21,6 +21,7 @@ from shared.db import session_scope
 from shared.models import Job
 from shared.settings import Settings, get_settings
 from tests.conftest import TINY_MODEL
+from tests.tiny_model import build_tiny_model
 from tests.worker.conftest import MakeDataset, MakeJob
 from tests.worker.helpers import events_of, learnable_text, load_job, metrics_of
 from worker import artifacts, pipeline, plan, token_cache, trainer
@@ -300,10 +301,19 @@ class TestFullRun:
 
 
 class TestFailures:
-    def test_a_dataset_too_small_for_one_block_is_a_user_error(
+    def test_a_dataset_with_nothing_left_to_train_is_a_user_error(
         self, settings: Settings, make_dataset: MakeDataset, make_job: MakeJob
     ) -> None:
-        job_id, attempt = make_job(make_dataset("hi\nthere\n"), block_size=64)
+        rows = "".join(
+            json.dumps({"prompt": "why " * 30, "completion": "because " * 30}) + "\n"
+            for _ in range(4)
+        )
+        dataset = make_dataset(
+            rows, filename="pairs.jsonl", format="jsonl", shape="prompt_completion"
+        )
+        job_id, attempt = make_job(dataset, block_size=16)
+        with session_scope() as session:
+            session.execute(update(Job).where(Job.id == job_id).values(truncation="drop"))
 
         pipeline.run(job_id, attempt)
 
@@ -311,8 +321,20 @@ class TestFailures:
         assert job.status == "failed"
         assert job.error["code"] == "dataset_too_small"
         assert job.error["user_error"] is True
-        assert "block_size 64" in job.error["message"]
+        assert "block_size 16" in job.error["message"]
         assert not storage.exists(storage.artifact_key(job_id))
+
+    def test_the_text_tail_and_a_dataset_shorter_than_a_block_are_trained(
+        self, settings: Settings, make_dataset: MakeDataset, make_job: MakeJob
+    ) -> None:
+        # The README's walkthrough once trained 128 of its 230 training tokens.
+        job_id, attempt = make_job(make_dataset("hi\nthere\n"), block_size=64, max_steps=1)
+
+        pipeline.run(job_id, attempt)
+
+        job = load_job(job_id)
+        assert job.status == "succeeded", job.error
+        assert job.plan["blocks"] == 1 and job.plan["train_tokens"] == job.plan["tokens"] > 2
 
     def test_a_block_size_beyond_the_model_positions_is_a_user_error(
         self, settings: Settings, make_dataset: MakeDataset, make_job: MakeJob
@@ -327,6 +349,43 @@ class TestFailures:
         assert job.status == "failed"
         assert job.error["code"] == "block_size_too_large" and job.error["user_error"] is True
         assert f"block_size <= {positions}" in job.error["message"]
+
+    def test_a_model_folder_without_a_tokenizer_is_refused_naming_what_it_holds(
+        self, settings: Settings, make_dataset: MakeDataset, make_job: MakeJob
+    ) -> None:
+        # transformers loads an empty tokenizer from such a folder: 150 lines became 150 EOS.
+        folder = build_tiny_model(settings.resolved_models_dir, "no-tokenizer")
+        for path in folder.iterdir():
+            if path.name not in ("config.json", "generation_config.json", "model.safetensors"):
+                path.unlink()
+        job_id, attempt = make_job(make_dataset(learnable_text(150)), base_model="no-tokenizer")
+
+        pipeline.run(job_id, attempt)
+
+        job = load_job(job_id)
+        assert job.status == "failed" and job.error["code"] == "base_model_invalid"
+        assert job.error["user_error"] is True
+        assert "has no usable tokenizer" in job.error["message"]
+        assert (
+            "it holds config.json, generation_config.json, model.safetensors"
+            in (job.error["message"])
+        )
+        assert not storage.exists(storage.artifact_key(job_id))
+
+    def test_the_default_block_size_fits_a_model_of_few_positions(
+        self, settings: Settings, make_dataset: MakeDataset, make_job: MakeJob
+    ) -> None:
+        # The minimal request, on a model of 256 positions (the default used to be 512 always).
+        build_tiny_model(settings.resolved_models_dir, "short-gpt2", positions=256)
+        job_id, attempt = make_job(make_dataset(learnable_text(240)), base_model="short-gpt2")
+        assert load_job(job_id).hyperparameters["block_size"] == "auto"
+
+        pipeline.run(job_id, attempt)
+
+        job = load_job(job_id)
+        assert job.status == "succeeded", job.error
+        assert job.hyperparameters["block_size"] == job.plan["hyperparameters"]["block_size"]
+        assert job.hyperparameters["block_size"] == 256
 
     def test_an_internal_fault_fails_the_job_without_a_traceback(
         self,
